@@ -1,0 +1,242 @@
+"""Thin Python layer over ``torch.ops.nsa_cuda``: defaults, fake (shape) functions, autograd.
+
+Layouts follow FlashAttention: padded batches ``[B, T, H, D]``, or packed batches
+``[total, H, D]`` with int32 ``cu_seqlens [B+1]``. Compressed keys/values of a packed batch are a
+``[total // stride, H, D]`` tensor in which sequence ``b`` owns rows ``cu_seqlens[b] // stride``
+onward (``Nc(T_b)`` of them); other rows are zero. ``lse`` is fp32 ``[B, T, HQ]`` /
+``[total, HQ]``. Validation happens in the compiled ops, so direct ``torch.ops`` calls are
+checked too; errors name the argument.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.nsa_cuda
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def _num_compressed(T, block: int, stride: int):
+    return 0 if T < block else (T - block) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers
+
+
+def compress(x: Tensor, w: Optional[Tensor] = None, pe: Optional[Tensor] = None, *, block: int = 32,
+             stride: int = 16, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """§1.1: compressed tokens of ``x`` (mean pooling when ``w`` is None, else
+    ``flatten(window + pe) @ w`` per head). Differentiable in x, w and pe."""
+    return _ops.compress_fwd(x, w, pe, block, stride, cu_seqlens)
+
+
+def compressed_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, *, scale: Optional[float] = None,
+                         block: int = 32, stride: int = 16,
+                         cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """§1.2: attention of every query over the compressed tokens it may see -> (o, lse)."""
+    return _ops.cmp_attn_fwd(q, k_cmp, v_cmp, _scale(scale, q.shape[-1]), block, stride, cu_seqlens)
+
+
+def select_blocks(q: Tensor, k_cmp: Tensor, lse: Tensor, *, scale: Optional[float] = None, cmp_block: int = 32,
+                  cmp_stride: int = 16, sel_block: int = 64, top_n: int = 16, init_blocks: int = 1,
+                  local_blocks: int = 2, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """§1.3-1.4: int32 ``block_idx [.., H, top_n]`` (ascending, -1 padded). Not differentiable."""
+    return _ops.select_blocks(q, k_cmp, lse, _scale(scale, q.shape[-1]), cmp_block, cmp_stride, sel_block, top_n,
+                              init_blocks, local_blocks, cu_seqlens)
+
+
+def selected_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, *, scale: Optional[float] = None,
+                       sel_block: int = 64, cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """§1.5: attention over the selected blocks (causal inside the current one) -> (o, lse)."""
+    return _ops.sel_attn_fwd(q, k, v, block_idx, _scale(scale, q.shape[-1]), sel_block, cu_seqlens)
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int = 512, scale: Optional[float] = None,
+                     cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """§1.6: sliding-window attention over keys ``[t-window+1, t]`` -> (o, lse)."""
+    return _ops.win_attn_fwd(q, k, v, _scale(scale, q.shape[-1]), window, cu_seqlens)
+
+
+def combine(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor) -> Tensor:
+    """§1.7: ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` with per-(token, head) gates."""
+    return _ops.combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+
+
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_cache: Tensor, v_cmp_cache: Tensor,
+           cache_seqlens: Tensor, g_cmp: Tensor, g_slc: Tensor, g_win: Tensor, *, scale: Optional[float] = None,
+           cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, top_n: int = 16, init_blocks: int = 1,
+           local_blocks: int = 2, window: int = 512) -> Tensor:
+    """§1.8: output ``[B, HQ, Dv]`` of the newest token of each sequence (position
+    ``cache_seqlens[b] - 1``) against its K/V cache and compressed K/V cache."""
+    return _ops.decode_fwd(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win,
+                           _scale(scale, q.shape[-1]), cmp_block, cmp_stride, sel_block, top_n, init_blocks,
+                           local_blocks, window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: output shapes only, for torch.compile and opcheck.
+
+
+@torch.library.register_fake("nsa_cuda::compress_fwd")
+def _compress_fwd_fake(x, w, pe, block, stride, cu_seqlens):
+    heads, dim = x.shape[-2], x.shape[-1]
+    out_dim = w.shape[2] if w is not None else dim
+    if cu_seqlens is not None:
+        return x.new_empty(x.shape[0] // stride, heads, out_dim)
+    return x.new_empty(x.shape[0], _num_compressed(x.shape[1], block, stride), heads, out_dim)
+
+
+@torch.library.register_fake("nsa_cuda::compress_bwd")
+def _compress_bwd_fake(dy, x, w, pe, block, stride, cu_seqlens):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(w) if w is not None else empty, torch.empty_like(pe) if pe is not None else empty)
+
+
+def _attn_fwd_fake(q, v):
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(*q.shape[:-1], dtype=torch.float32)
+    return o, lse
+
+
+def _attn_bwd_fake(q, k, v):
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c))
+
+
+@torch.library.register_fake("nsa_cuda::cmp_attn_fwd")
+def _cmp_attn_fwd_fake(q, k_cmp, v_cmp, scale, block, stride, cu_seqlens):
+    return _attn_fwd_fake(q, v_cmp)
+
+
+@torch.library.register_fake("nsa_cuda::cmp_attn_bwd")
+def _cmp_attn_bwd_fake(dout, dlse, q, k_cmp, v_cmp, out, lse, scale, block, stride, cu_seqlens):
+    return _attn_bwd_fake(q, k_cmp, v_cmp)
+
+
+@torch.library.register_fake("nsa_cuda::sel_attn_fwd")
+def _sel_attn_fwd_fake(q, k, v, block_idx, scale, sel_block, cu_seqlens):
+    return _attn_fwd_fake(q, v)
+
+
+@torch.library.register_fake("nsa_cuda::sel_attn_bwd")
+def _sel_attn_bwd_fake(dout, dlse, q, k, v, out, lse, block_idx, scale, sel_block, cu_seqlens):
+    return _attn_bwd_fake(q, k, v)
+
+
+@torch.library.register_fake("nsa_cuda::win_attn_fwd")
+def _win_attn_fwd_fake(q, k, v, scale, window, cu_seqlens):
+    return _attn_fwd_fake(q, v)
+
+
+@torch.library.register_fake("nsa_cuda::win_attn_bwd")
+def _win_attn_bwd_fake(dout, dlse, q, k, v, out, lse, scale, window, cu_seqlens):
+    return _attn_bwd_fake(q, k, v)
+
+
+@torch.library.register_fake("nsa_cuda::select_blocks")
+def _select_blocks_fake(q, k_cmp, lse, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
+                        cu_seqlens):
+    return q.new_empty(*q.shape[:-2], k_cmp.shape[-2], top_n, dtype=torch.int32)
+
+
+@torch.library.register_fake("nsa_cuda::combine_fwd")
+def _combine_fwd_fake(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    return torch.empty_like(o_cmp, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("nsa_cuda::combine_bwd")
+def _combine_bwd_fake(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+    c = torch.contiguous_format
+    return tuple(torch.empty_like(t, memory_format=c) for t in (o_cmp, o_slc, o_win, g_cmp, g_slc, g_win))
+
+
+@torch.library.register_fake("nsa_cuda::decode_fwd")
+def _decode_fwd_fake(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, scale,
+                     cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks, window):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: each forward op's backward is another op (so compiled graphs keep the kernels).
+
+
+def _compress_setup(ctx, inputs, output):
+    x, w, pe, block, stride, cu_seqlens = inputs
+    ctx.save_for_backward(x, w, pe, cu_seqlens)
+    ctx.block, ctx.stride = block, stride
+
+
+def _compress_backward(ctx, dy):
+    x, w, pe, cu_seqlens = ctx.saved_tensors
+    dx, dw, dpe = _ops.compress_bwd(dy, x, w, pe, ctx.block, ctx.stride, cu_seqlens)
+    return dx, (dw if w is not None else None), (dpe if pe is not None else None), None, None, None
+
+
+torch.library.register_autograd("nsa_cuda::compress_fwd", _compress_backward, setup_context=_compress_setup)
+
+
+def _cmp_attn_setup(ctx, inputs, output):
+    q, k_cmp, v_cmp, scale, block, stride, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k_cmp, v_cmp, o, lse, cu_seqlens)
+    ctx.args = (scale, block, stride)
+
+
+def _cmp_attn_backward(ctx, do, dlse):
+    q, k_cmp, v_cmp, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _ops.cmp_attn_bwd(do, dlse, q, k_cmp, v_cmp, o, lse, *ctx.args, cu_seqlens)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("nsa_cuda::cmp_attn_fwd", _cmp_attn_backward, setup_context=_cmp_attn_setup)
+
+
+def _sel_attn_setup(ctx, inputs, output):
+    q, k, v, block_idx, scale, sel_block, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, block_idx, cu_seqlens)
+    ctx.args = (scale, sel_block)
+
+
+def _sel_attn_backward(ctx, do, dlse):
+    q, k, v, o, lse, block_idx, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _ops.sel_attn_bwd(do, dlse, q, k, v, o, lse, block_idx, *ctx.args, cu_seqlens)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("nsa_cuda::sel_attn_fwd", _sel_attn_backward, setup_context=_sel_attn_setup)
+
+
+def _win_attn_setup(ctx, inputs, output):
+    q, k, v, scale, window, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.args = (scale, window)
+
+
+def _win_attn_backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _ops.win_attn_bwd(do, dlse, q, k, v, o, lse, *ctx.args, cu_seqlens)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("nsa_cuda::win_attn_fwd", _win_attn_backward, setup_context=_win_attn_setup)
+
+
+def _combine_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _combine_backward(ctx, do):
+    return _ops.combine_bwd(do, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("nsa_cuda::combine_fwd", _combine_backward, setup_context=_combine_setup)
