@@ -1,0 +1,26 @@
+"""Small cases of every CUDA kernel, run under compute-sanitizer by tools/gpu_check.sh --sanitize."""
+import torch
+
+import nsa_cuda
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    lens = [1, 37, 70, 5, 130]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (64, 128):
+            x = torch.randn(sum(lens), 2, D, device="cuda", dtype=dtype, requires_grad=True)
+            w = (torch.randn(2, 32 * D, D, device="cuda", dtype=dtype) / 64).requires_grad_(True)
+            pe = torch.randn(2, 32, D, device="cuda", dtype=dtype, requires_grad=True)
+            for args in ((x, None, None), (x, w, None), (x, w, pe)):
+                y = nsa_cuda.compress(*args, cu_seqlens=cu)
+                y.float().sum().backward()
+                xp = torch.randn(2, 45, 2, D, device="cuda", dtype=dtype)
+                nsa_cuda.compress(xp, *[a.detach() if a is not None else None for a in args[1:]])
+    torch.cuda.synchronize()
+    print("sanitize cases done")
+
+
+if __name__ == "__main__":
+    main()
