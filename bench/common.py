@@ -17,8 +17,8 @@ def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> float:
-    """Median of CUDA-event timings (after warm-up runs)."""
+def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 30, batch: int = 1) -> float:
+    """Median over `iters` CUDA-event samples of the mean time of `batch` back-to-back calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -26,11 +26,30 @@ def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> flo
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(batch):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / batch)
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], batch: int = 20, iters: int = 20) -> float:
+    """Device time per call of a short op: `batch` calls captured in one CUDA graph, replayed and
+    timed with events (so Python dispatch and launch latency, which overlap inside a model's
+    stream, are not counted). Falls back to back-to-back eager calls if capture fails."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(batch):
+                fn()
+        return median_ms(g.replay, 2, iters) / batch
+    except Exception:  # noqa: BLE001 - any capture problem: time eagerly instead
+        torch.cuda.synchronize()
+        return median_ms(fn, 2, iters, batch)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

@@ -73,6 +73,10 @@ def check_forward_backward(x, w, pe, block, stride, cu):
     dy = torch.randn_like(y)  # gap rows of a packed batch get gradient too: it must be ignored
     poison_cuda_cache((tuple(x.shape), x.dtype))
     grads = torch.autograd.grad(y, params, dy)
+    if y_ref.numel() == 0:  # no compressed token at all (T < l): the gradient is exactly zero
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+        return
     grads_ref = torch.autograd.grad(y_ref, fp, dy.float())
     grads_pt = torch.autograd.grad(y_pt, lp, dy)
     for name, g, gr, gp in zip(("dx", "dw", "dpe"), grads, grads_ref, grads_pt):

@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build of nsa_cuda
 PY=${PYTHON:-python3}
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 : > "$OUT/summary.txt"
@@ -32,8 +33,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
-summary "card: $(head -1 "$OUT/gpu.txt")"
+summary "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 summary "torch: $($PY -c 'import torch;print(torch.__version__, torch.version.cuda)')"
 
 # ---- build the extension (in place) ----
@@ -44,40 +44,47 @@ t0=$(date +%s)
 if ! $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   summary "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; exit 1
 fi
-summary "build: ok in $(( $(date +%s) - t0 )) s ($(grep -c 'warn-spills\|bytes spill' "$OUT/build.log" || true) spill lines)"
-grep -E "spill (stores|loads)" "$OUT/build.log" | grep -v " 0 bytes spill" | head -5
+summary "build: ok in $(( $(date +%s) - t0 )) s"
+grep -E "[1-9][0-9]* bytes spill" "$OUT/build.log" | head -5
 $PY -c 'import nsa_cuda; print(nsa_cuda.build_info())' | tee -a "$OUT/summary.txt"
 
 # ---- tests: everything (CPU tests too) ----
 t0=$(date +%s)
-$PY -m pytest -q -x -p no:cacheprovider tests ${TEST_EXPR:+-k "$TEST_EXPR"} > "$OUT/tests.log" 2>&1
+$PY -X faulthandler -m pytest -q -p no:cacheprovider -rfE tests ${TEST_EXPR:+-k "$TEST_EXPR"} > "$OUT/tests.log" 2>&1
 rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
-[ $rc = 0 ] || grep -E "^(FAILED|ERROR)|Error" "$OUT/tests.log" | head -20
+[ $rc = 0 ] || { grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; grep -A25 "Fatal Python error" "$OUT/tests.log" | head -40; }
 
 # ---- C++ benchmarks (CMake, torch-free kernel library) ----
 if [ $BENCH = 1 ]; then
   archs=90a; [ $QUICK = 1 ] || archs="80;90a"
-  if cmake -S . -B build-cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES="$archs" > "$OUT/cmake.log" 2>&1 \
-     && cmake --build build-cmake -j "$MAX_JOBS" >> "$OUT/cmake.log" 2>&1; then
+  : > "$OUT/bench.log"
+  if cmake -S . -B build-cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES="$archs" >> "$OUT/build.log" 2>&1 \
+     && cmake --build build-cmake -j "$MAX_JOBS" >> "$OUT/build.log" 2>&1; then
     for b in build-cmake/bench_*; do
-      "$b" > "$OUT/$(basename "$b").log" 2>&1; brc=$?
-      summary "$(basename "$b"): rc=$brc"; cat "$OUT/$(basename "$b").log"
+      echo "==== $b" >> "$OUT/bench.log"
+      "$b" > /tmp/bench_one.log 2>&1; brc=$?
+      cat /tmp/bench_one.log >> "$OUT/bench.log"
+      summary "$(basename "$b"): rc=$brc"; cat /tmp/bench_one.log
     done
   else
-    summary "CMAKE BUILD FAILED"; tail -20 "$OUT/cmake.log"
+    summary "CMAKE BUILD FAILED"; tail -20 "$OUT/build.log"
   fi
   for b in bench/bench_*.py; do
-    $PY "$b" > "$OUT/$(basename "$b" .py).log" 2>&1; brc=$?
-    summary "$(basename "$b"): rc=$brc"; tail -25 "$OUT/$(basename "$b" .py).log"
+    echo "==== $b" >> "$OUT/bench.log"
+    $PY "$b" > /tmp/bench_one.log 2>&1; brc=$?
+    cat /tmp/bench_one.log >> "$OUT/bench.log"
+    summary "$(basename "$b"): rc=$brc"; tail -25 /tmp/bench_one.log
   done
 fi
 
 # ---- memory safety on small shapes ----
 if [ $SANITIZE = 1 ]; then
+  : > "$OUT/sanitize.log"
   for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 $PY tools/sanitize_cases.py > "$OUT/sanitize_$tool.log" 2>&1
-    summary "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+    echo "==== $tool" >> "$OUT/sanitize.log"
+    compute-sanitizer --tool $tool --error-exitcode 9 $PY tools/sanitize_cases.py >> "$OUT/sanitize.log" 2>&1
+    summary "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitize.log" | tail -1)"
   done
 fi
 echo "==== summary ===="; cat "$OUT/summary.txt"

@@ -87,47 +87,72 @@ __device__ __forceinline__ bool resolve_x_row(const CompressParams& p, index_t r
 
 // ---------------------------------------------------------------------------------------------
 // mean mode
+// A thread block owns kMeanTileRows consecutive output rows of one head; thread (c, j) sums
+// the first stride-long segment of row j's window for 8 channels. Window j is m = l/d segments,
+// and its k-th segment is row (j+k)'s first one whenever that row starts k*d rows later in
+// memory (same sequence), so each x row is read about once instead of l/d times; segments past
+// the tile (or past a sequence end) are summed directly.
+constexpr int kMeanTileRows = 16;
+constexpr int kMaxChunks = 32;  // head dims up to 256
+
 template <typename T>
-__global__ void __launch_bounds__(256) compress_mean_fwd_kernel(const CompressParams p) {
-  const int chunks = p.head_dim / kVec;
-  const index_t n = p.out_rows() * p.heads * chunks;
-  const float inv_l = 1.f / p.block;
-  const T* x = static_cast<const T*>(p.x);
-  for (index_t idx = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(idx % chunks);
-    const index_t rh = idx / chunks;
-    const int h = static_cast<int>(rh % p.heads);
-    const index_t r = rh / p.heads;
-    const index_t off = window_offset(p, r);
-    float acc[kVec] = {};
-    if (off >= 0) {
-      const T* src = x + off + h * p.x_head_stride + c * kVec;
-      int j = 0;
-      // Eight loads in flight before the first use.
-      for (; j + 8 <= p.block; j += 8) {
-        uint4 v[8];
+__device__ __forceinline__ void add_rows(const T* src, int nrows, index_t row_stride, float (&acc)[kVec]) {
+  int j = 0;
+  for (; j + 8 <= nrows; j += 8) {  // eight 16-byte loads in flight before the first use
+    uint4 v[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) v[u] = __ldg(reinterpret_cast<const uint4*>(src + (j + u) * p.x_row_stride));
+    for (int u = 0; u < 8; ++u) v[u] = __ldg(reinterpret_cast<const uint4*>(src + (j + u) * row_stride));
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          float f[kVec];
-          unpack8<T>(v[u], f);
+    for (int u = 0; u < 8; ++u) {
+      float f[kVec];
+      unpack8<T>(v[u], f);
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[e] += f[e];
-        }
-      }
-      for (; j < p.block; ++j) {
-        float f[kVec];
-        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(src + j * p.x_row_stride)), f);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[e] += f[e];
-      }
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] *= inv_l;
+      for (int e = 0; e < kVec; ++e) acc[e] += f[e];
     }
-    *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + rh * p.out_dim + c * kVec) = pack8<T>(acc);
   }
+  for (; j < nrows; ++j) {
+    float f[kVec];
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(src + j * row_stride)), f);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] += f[e];
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMeanTileRows * kMaxChunks) compress_mean_fwd_kernel(const CompressParams p) {
+  __shared__ index_t row_off[kMeanTileRows];
+  __shared__ float seg[kMeanTileRows][kMaxChunks][kVec];
+  const int c = threadIdx.x, j = threadIdx.y;
+  const int h = blockIdx.y;
+  const index_t r0 = static_cast<index_t>(blockIdx.x) * kMeanTileRows;
+  const index_t rows = p.out_rows();
+  if (c == 0) row_off[j] = r0 + j < rows ? window_offset(p, r0 + j) : -1;
+  __syncthreads();
+  const index_t off = row_off[j];
+  const T* x = static_cast<const T*>(p.x) + h * p.x_head_stride + c * kVec;
+  const index_t seg_stride = static_cast<index_t>(p.stride) * p.x_row_stride;
+  float acc[kVec] = {};
+  if (off >= 0) add_rows<T>(x + off, p.stride, p.x_row_stride, acc);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) seg[j][c][e] = acc[e];
+  __syncthreads();
+  if (r0 + j >= rows) return;
+  if (off >= 0) {
+    const int m = p.block / p.stride;
+    for (int k = 1; k < m; ++k) {
+      const index_t want = off + k * seg_stride;
+      if (j + k < kMeanTileRows && row_off[j + k] == want) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] += seg[j + k][c][e];
+      } else {
+        add_rows<T>(x + want, p.stride, p.x_row_stride, acc);
+      }
+    }
+    const float inv_l = 1.f / p.block;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] *= inv_l;
+  }
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.y) + ((r0 + j) * p.heads + h) * p.out_dim + c * kVec) = pack8<T>(acc);
 }
 
 // dx[t] = (1/l) * sum of dy[i] over the windows i that contain t (at most l/d of them).

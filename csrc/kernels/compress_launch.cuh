@@ -35,9 +35,12 @@ Status run_compress_fwd(const CompressParams& p, cudaStream_t stream) {
   using namespace compress_detail;
   const index_t rows = p.out_rows();
   if (rows == 0 || p.heads == 0) return Status{};
+  if (p.head_dim % kVec != 0 || p.head_dim / kVec > kMaxChunks) return Status{2, "head dim must be a multiple of 8, at most 256"};
+  if (p.linear() && (p.head_dim % kBN != 0 || p.out_dim % kBN != 0)) return Status{2, "linear mode needs head dims that are multiples of 64"};
   if (!p.linear()) {
-    const index_t n = rows * p.heads * (p.head_dim / kVec);
-    compress_mean_fwd_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(p);
+    const dim3 block(p.head_dim / kVec, kMeanTileRows);
+    const dim3 grid(static_cast<unsigned>((rows + kMeanTileRows - 1) / kMeanTileRows), p.heads);
+    compress_mean_fwd_kernel<T><<<grid, block, 0, stream>>>(p);
     return last_error();
   }
   const dim3 grid(static_cast<unsigned>((rows + kBM - 1) / kBM), p.out_dim / kBN, p.heads);
@@ -50,6 +53,8 @@ Status run_compress_bwd(const CompressBwdParams& p, cudaStream_t stream) {
   using namespace compress_detail;
   const index_t xr = x_rows(p);
   if (xr == 0 || p.heads == 0) return Status{};
+  if (p.head_dim % kVec != 0) return Status{2, "head dim must be a multiple of 8"};
+  if (p.linear() && (p.head_dim % kBN != 0 || p.out_dim % kBN != 0)) return Status{2, "linear mode needs head dims that are multiples of 64"};
   const index_t n = xr * p.heads * (p.head_dim / kVec);
   if (!p.linear()) {
     compress_mean_bwd_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(p);

@@ -54,6 +54,13 @@ CompressArgs prepare(const Tensor& x, const c10::optional<Tensor>& w, const c10:
     check_size(*pe, 2, D, op, "pe", "dim 2 (head_dim)");
     TORCH_CHECK_VALUE(pe->is_contiguous(), op, ": argument 'pe' must be contiguous");
   }
+  if (x.is_cuda()) {  // the vectorised kernels read 16 bytes at a time and tile Dout by 64
+    TORCH_CHECK_VALUE(D % 8 == 0 && D <= 256, op,
+                      ": on CUDA the head dim of 'x' must be a multiple of 8 and at most 256, got ", D);
+    TORCH_CHECK_VALUE(!w.has_value() || (D % 64 == 0 && Dout % 64 == 0), op,
+                      ": on CUDA linear compression needs head dims that are multiples of 64 (got D=", D,
+                      ", Dout=", Dout, ")");
+  }
   auto& p = a.params;
   const auto st = strides3(x);
   p.x = x.data_ptr();
@@ -77,18 +84,6 @@ CompressArgs prepare(const Tensor& x, const c10::optional<Tensor>& w, const c10:
 }
 
 #ifdef NSA_WITH_CUDA
-// The vectorised kernels read 16 bytes at a time and tile Dout by 64.
-void check_cuda_shapes(const Tensor& x, const CompressArgs& a, const char* op) {
-  const auto& p = a.params;
-  TORCH_CHECK_VALUE(p.head_dim % 8 == 0, op, ": on CUDA the head dim of 'x' must be a multiple of 8, got ", p.head_dim);
-  if (p.w) {
-    TORCH_CHECK_VALUE(p.head_dim % 64 == 0 && p.out_dim % 64 == 0, op,
-                      ": on CUDA linear compression needs head dims that are multiples of 64 (got D=", p.head_dim,
-                      ", Dout=", p.out_dim, ")");
-  }
-  (void)x;
-}
-
 void check_status(const nsa::Status& s, const char* op) {
   if (s.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", s.message);
   TORCH_CHECK(s.ok(), op, ": CUDA error: ", s.message);
@@ -118,7 +113,7 @@ Tensor compress_fwd_cpu(const Tensor& x, const c10::optional<Tensor>& w, const c
   return y.to(x.scalar_type());
 }
 
-std::tuple<Tensor, Tensor, Tensor> compress_bwd_cpu(const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& w,
+std::tuple<Tensor, Tensor, Tensor> compress_bwd_cpu(const Tensor& dy_in, const Tensor& x, const c10::optional<Tensor>& w,
                                                     const c10::optional<Tensor>& pe, int64_t block, int64_t stride,
                                                     const c10::optional<Tensor>& cu_seqlens) {
   constexpr const char* op = "nsa_cuda.compress_bwd";
@@ -129,6 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cpu(const Tensor& dy, const Tens
   if (w) wc = w->to(ct).contiguous();
   if (pe) pec = pe->to(ct).contiguous();
   auto a = prepare(xc, wc, pec, block, stride, cu_seqlens, op);
+  const Tensor dy = dy_in.contiguous();  // autograd may hand in expanded (stride-0) gradients
   check_float_tensor(dy, op, "dy", static_cast<int64_t>(a.out_shape.size()), x.device());
   check_same_dtype(x, dy, op, "x", "dy");
   TORCH_CHECK_VALUE(dy.sizes() == at::IntArrayRef(a.out_shape), op, ": argument 'dy' must have the output's shape ",
@@ -154,7 +150,6 @@ Tensor compress_fwd_cuda(const Tensor& x_in, const c10::optional<Tensor>& w, con
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = aligned_rows(x_in);
   auto a = prepare(x, w, pe, block, stride, cu_seqlens, kFwd);
-  check_cuda_shapes(x, a, kFwd);
   Tensor y = at::empty(a.out_shape, x.options());
   a.params.y = y.data_ptr();
   check_status(nsa::compress_fwd_cuda(a.params, nsa_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kFwd);
@@ -169,12 +164,11 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cuda(const Tensor& dy_in, const 
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = aligned_rows(x_in);
   auto a = prepare(x, w, pe, block, stride, cu_seqlens, op);
-  check_cuda_shapes(x, a, op);
-  check_float_tensor(dy_in, op, "dy", static_cast<int64_t>(a.out_shape.size()), x.device());
-  check_same_dtype(x, dy_in, op, "x", "dy");
-  TORCH_CHECK_VALUE(dy_in.sizes() == at::IntArrayRef(a.out_shape), op, ": argument 'dy' must have the output's shape ",
-                    at::IntArrayRef(a.out_shape), ", got ", shape_str(dy_in));
-  const Tensor dy = dy_in.contiguous();
+  const Tensor dy = dy_in.contiguous();  // autograd may hand in expanded (stride-0) gradients
+  check_float_tensor(dy, op, "dy", static_cast<int64_t>(a.out_shape.size()), x.device());
+  check_same_dtype(x, dy, op, "x", "dy");
+  TORCH_CHECK_VALUE(dy.sizes() == at::IntArrayRef(a.out_shape), op, ": argument 'dy' must have the output's shape ",
+                    at::IntArrayRef(a.out_shape), ", got ", shape_str(dy));
   nsa::CompressBwdParams p;
   static_cast<nsa::CompressParams&>(p) = a.params;
   Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
