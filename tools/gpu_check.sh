@@ -37,6 +37,17 @@ summary "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --forma
 summary "torch: $($PY -c 'import torch;print(torch.__version__, torch.version.cuda)')"
 
 # ---- build the extension (in place) ----
+# Pick a C++ compiler that links libstdc++ dynamically: an extension carrying its own static
+# copy next to torch's shared one crashed on the first formatted error message (seen with
+# /opt/gcc 13.3 on the GPU image). `-print-file-name` returns a full path only if the .so exists.
+for c in ${CXX:-} /usr/bin/g++ /opt/gcc/bin/g++ g++ c++; do
+  command -v "$c" >/dev/null 2>&1 || continue
+  if [ -e "$("$c" -print-file-name=libstdc++.so 2>/dev/null)" ]; then
+    export CXX=$(command -v "$c"); cc_dir=$(dirname "$CXX"); [ -x "$cc_dir/gcc" ] && export CC=$cc_dir/gcc
+    break
+  fi
+done
+summary "compilers: CXX=${CXX:-default} CC=${CC:-default}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ $QUICK = 1 ]; then export NSA_CUDA_ARCHS=90a NSA_CUDA_DTYPES=bf16; fi
@@ -47,6 +58,7 @@ fi
 summary "build: ok in $(( $(date +%s) - t0 )) s"
 grep -E "[1-9][0-9]* bytes spill" "$OUT/build.log" | head -5
 $PY -c 'import nsa_cuda; print(nsa_cuda.build_info())' | tee -a "$OUT/summary.txt"
+ldd nsa_cuda/_C*.so | grep -q 'libstdc++' || summary "WARNING: _C links libstdc++ statically"
 
 # ---- tests: everything (CPU tests too) ----
 t0=$(date +%s)

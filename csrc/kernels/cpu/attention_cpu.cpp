@@ -103,16 +103,33 @@ double attend_row(const T* q, const T* k, index_t k_row_stride, const T* v, inde
 
 // Backward of attend_row for one query row (FlashAttention formulas):
 //   P = exp(scale*q.k - lse), dS = P*(dout.v - Dt), dq += scale*dS*k, dk += scale*dS*q, dv += P*dout.
-// dk_acc / dv_acc point at key row 0 of the sequence and head of double accumulators.
+// The given lse (fp32, rounded) only stabilises the exponentials: P is renormalised to sum to
+// one over the key set, so fp64 inputs get fp64-accurate gradients. A row whose P underflows
+// entirely (lse far off) contributes nothing. dk_acc / dv_acc point at key row 0 of the
+// sequence and head of double accumulators.
 template <typename T>
 void attend_row_bwd(const T* q, const T* k, index_t k_row_stride, const T* v, index_t v_row_stride, int Dk, int Dv,
                     double scale, const std::vector<KeyRange>& keys, double lse, const T* dout, double Dt, double* dq,
-                    double* dk_acc, index_t dk_row_stride, double* dv_acc, index_t dv_row_stride) {
+                    double* dk_acc, index_t dk_row_stride, double* dv_acc, index_t dv_row_stride,
+                    std::vector<double>& scratch) {
+  const index_t n = count_keys(keys);
+  if (n == 0) return;
+  if (static_cast<index_t>(scratch.size()) < n) scratch.resize(static_cast<size_t>(n));
+  double sum = 0.0;
+  index_t pos = 0;
+  for (const auto& r : keys)
+    for (index_t s = r.begin; s < r.end; ++s) {
+      const double e = std::exp(scale * dot(q, k + s * k_row_stride, Dk) - lse);
+      scratch[static_cast<size_t>(pos++)] = e;
+      sum += e;
+    }
+  if (!(sum > 0.0) || !std::isfinite(sum)) return;
+  pos = 0;
   for (const auto& r : keys)
     for (index_t s = r.begin; s < r.end; ++s) {
       const T* kr = k + s * k_row_stride;
       const T* vr = v + s * v_row_stride;
-      const double P = std::exp(scale * dot(q, kr, Dk) - lse);
+      const double P = scratch[static_cast<size_t>(pos++)] / sum;
       const double dS = P * (dot(dout, vr, Dv) - Dt);
       double* dkr = dk_acc + s * dk_row_stride;
       double* dvr = dv_acc + s * dv_row_stride;
@@ -308,7 +325,7 @@ void attn_bwd(const AttnBwdParams& p) {
         for (int c = 0; c < Dk; ++c) row[c] = T(0);
       }
   }
-  std::vector<double> dqr(static_cast<size_t>(Dk));
+  std::vector<double> dqr(static_cast<size_t>(Dk)), scores;
   std::vector<KeyRange> keys;
   std::vector<index_t> tmp;
   for_each_sequence(p, [&](int b, const SeqGeom& g, const KeySpan& ks) {
@@ -340,7 +357,7 @@ void attn_bwd(const AttnBwdParams& p) {
             attend_row_bwd(qb + t * p.q_stride.row + h * p.q_stride.head, kb + kvh * p.k_stride.head, p.k_stride.row,
                            vb + kvh * p.v_stride.head, p.v_stride.row, Dk, Dv, scale, keys, lse, dorow, Dt,
                            dqr.data(), dkb + kvh * Dk, static_cast<index_t>(H) * Dk, dvb + kvh * Dv,
-                           static_cast<index_t>(H) * Dv);
+                           static_cast<index_t>(H) * Dv, scores);
           }
           T* dqrow = dqb + t * p.dq_stride.row + h * p.dq_stride.head;
           for (int c = 0; c < Dk; ++c) dqrow[c] = static_cast<T>(dqr[static_cast<size_t>(c)]);

@@ -18,7 +18,9 @@ namespace cpu {
 template <typename T>
 void attn_fwd(const AttnParams& p);
 
-// dq, dk, dv (FlashAttention formulas, from the given out and lse; dlse optional).
+// dq, dk, dv (FlashAttention formulas from the given out and lse; dlse optional, nullptr = 0).
+// P is renormalised over each row's key set, so the fp32 lse only stabilises the exponentials.
+// Rows with lse = -inf contribute nothing.
 // dq, dk, dv must be laid out like q, k, v (strides dq_stride, dk_stride, dv_stride).
 template <typename T>
 void attn_bwd(const AttnBwdParams& p);
