@@ -50,7 +50,6 @@ compressed token i summarises keys ``[i*d, i*d + l)``.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import List, Optional, Tuple, Union
 
