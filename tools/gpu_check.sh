@@ -6,19 +6,20 @@
 #
 # --quick     build only bf16 + sm_90a (faster iteration); default is the full build
 # --sanitize  also run compute-sanitizer memcheck/racecheck/synccheck on small cases
-# --no-bench  skip the benchmarks
+# --no-bench  skip the benchmarks; --bench NAME runs only bench_NAME* (C++ and Python)
 # The GPU machine has no package registry: carry the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-QUICK=0; SANITIZE=0; BENCH=1; TEST_EXPR=""
+QUICK=0; SANITIZE=0; BENCH=1; TEST_EXPR=""; BENCH_GLOB="bench_*"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --sanitize) SANITIZE=1 ;;
     --no-bench) BENCH=0 ;;
     --tests) TEST_EXPR="$2"; shift ;;
+    --bench) BENCH_GLOB="bench_$2*"; shift ;;
     *) echo "unknown flag $1"; exit 2 ;;
   esac
   shift
@@ -73,7 +74,8 @@ if [ $BENCH = 1 ]; then
   : > "$OUT/bench.log"
   if cmake -S . -B build-cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES="$archs" >> "$OUT/build.log" 2>&1 \
      && cmake --build build-cmake -j "$MAX_JOBS" >> "$OUT/build.log" 2>&1; then
-    for b in build-cmake/bench_*; do
+    for b in build-cmake/$BENCH_GLOB; do
+      [ -x "$b" ] || continue
       echo "==== $b" >> "$OUT/bench.log"
       "$b" > /tmp/bench_one.log 2>&1; brc=$?
       cat /tmp/bench_one.log >> "$OUT/bench.log"
@@ -82,7 +84,8 @@ if [ $BENCH = 1 ]; then
   else
     summary "CMAKE BUILD FAILED"; tail -20 "$OUT/build.log"
   fi
-  for b in bench/bench_*.py; do
+  for b in bench/$BENCH_GLOB.py; do
+    [ -f "$b" ] || continue
     echo "==== $b" >> "$OUT/bench.log"
     $PY "$b" > /tmp/bench_one.log 2>&1; brc=$?
     cat /tmp/bench_one.log >> "$OUT/bench.log"

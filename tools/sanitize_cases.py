@@ -18,6 +18,16 @@ def main() -> None:
                 y.float().sum().backward()
                 xp = torch.randn(2, 45, 2, D, device="cuda", dtype=dtype)
                 nsa_cuda.compress(xp, *[a.detach() if a is not None else None for a in args[1:]])
+        # grouped sparse attention forward: selected and window, padded and packed, G = 1, 4, 16
+        for G in (1, 4, 16):
+            q = torch.randn(sum(lens), 2 * G, 64, device="cuda", dtype=dtype)
+            k = torch.randn(sum(lens), 2, 64, device="cuda", dtype=dtype)
+            idx = torch.randint(-1, 3, (sum(lens), 2, 3), dtype=torch.int32, device="cuda")
+            nsa_cuda.window_attention(q, k, k, window=17, cu_seqlens=cu)
+            nsa_cuda.selected_attention(q, k, k, idx.sort(-1).values, sel_block=64, cu_seqlens=cu)
+            qp = torch.randn(2, 45, 2 * G, 128, device="cuda", dtype=dtype)
+            kp = torch.randn(2, 45, 2, 128, device="cuda", dtype=dtype)
+            nsa_cuda.window_attention(qp, kp, kp, window=8)
     torch.cuda.synchronize()
     print("sanitize cases done")
 

@@ -20,6 +20,13 @@
 #include "../kernels/cpu/attention_cpu.h"
 #include "checks.h"
 
+#ifdef NSA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../kernels/sparse_attn.h"
+#endif
+
 namespace nsa_torch {
 namespace {
 
@@ -670,7 +677,7 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 #ifdef NSA_WITH_CUDA
 constexpr const char* kFeatCmp = "compressed attention (issue: compressed attention and block selection)";
 constexpr const char* kFeatSelect = "block selection (issue: compressed attention and block selection)";
-constexpr const char* kFeatSparse = "selected/sliding-window sparse attention (issue: grouped sparse flash attention)";
+constexpr const char* kFeatSparse = "the backward of selected/sliding-window attention (issue: grouped sparse flash attention)";
 constexpr const char* kFeatDecode = "decoding (issue: inference KV cache and decode kernel)";
 
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q, const Tensor& k_cmp, const Tensor& v_cmp, double scale,
@@ -699,12 +706,35 @@ Tensor select_blocks_cuda(const Tensor& q, const Tensor& k_cmp, const Tensor& ls
   return {};
 }
 
+// Selected / window forward on the GPU (grouped sparse attention kernel).
+std::tuple<Tensor, Tensor> sparse_fwd_cuda(const char* op, nsa::AttnMode mode, const Tensor& q_in, const Tensor& k_in,
+                                           const Tensor& v_in, const Tensor* block_idx, double scale,
+                                           int64_t sel_block, int64_t window,
+                                           const c10::optional<Tensor>& cu_seqlens) {
+  // Validate the caller's tensors, then the (possibly copied) aligned ones the kernel reads.
+  prepare_attn(op, mode, q_in, k_in, v_in, "k", "v", scale, 0, 0, sel_block, window, block_idx, cu_seqlens, false);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  AttnArgs a = prepare_attn(op, mode, q, k, v, "k", "v", scale, 0, 0, sel_block, window, block_idx, cu_seqlens, false);
+  TORCH_CHECK_VALUE(mode != nsa::AttnMode::kSelected || sel_block % 32 == 0, op,
+                    ": on CUDA 'sel_block' must be a multiple of 32, got ", sel_block);
+  Tensor o = at::empty(a.o_shape, q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty(a.lse_shape, q.options().dtype(at::kFloat));
+  auto& p = a.params;
+  p.o = o.data_ptr();
+  p.o_stride = strides3(o);
+  p.lse = lse.data_ptr<float>();
+  const nsa::Status st =
+      nsa::sparse_attn_fwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
+  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
+  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+  return {o, lse};
+}
+
 std::tuple<Tensor, Tensor> sel_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& block_idx,
                                              double scale, int64_t sel_block, const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn(kSelFwd, nsa::AttnMode::kSelected, q, k, v, "k", "v", scale, 0, 0, sel_block, 0, &block_idx, cu_seqlens,
-               false);
-  NSA_CUDA_NOT_IMPLEMENTED(kSelFwd, kFeatSparse);
-  return {};
+  return sparse_fwd_cuda(kSelFwd, nsa::AttnMode::kSelected, q, k, v, &block_idx, scale, sel_block, 0, cu_seqlens);
 }
 
 std::tuple<Tensor, Tensor, Tensor> sel_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,
@@ -720,9 +750,7 @@ std::tuple<Tensor, Tensor, Tensor> sel_attn_bwd_cuda(const Tensor& dout, const c
 
 std::tuple<Tensor, Tensor> win_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
                                              int64_t window, const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn(kWinFwd, nsa::AttnMode::kWindow, q, k, v, "k", "v", scale, 0, 0, 0, window, nullptr, cu_seqlens, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kWinFwd, kFeatSparse);
-  return {};
+  return sparse_fwd_cuda(kWinFwd, nsa::AttnMode::kWindow, q, k, v, nullptr, scale, 0, window, cu_seqlens);
 }
 
 std::tuple<Tensor, Tensor, Tensor> win_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,

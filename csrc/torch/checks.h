@@ -99,6 +99,14 @@ inline nsa::Strides3 strides3(const Tensor& t) {
   return {0, t.stride(0), t.stride(1)};
 }
 
+// The CUDA kernels read 16 bytes at a time: rows must start 16-byte aligned (base pointer and
+// batch/row/head strides multiples of 8 elements). Anything else is copied (documented).
+inline Tensor aligned16(const Tensor& x) {
+  bool ok = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; ok && d + 1 < x.dim(); ++d) ok = x.size(d) == 1 || x.stride(d) % 8 == 0;
+  return ok ? x : x.contiguous();
+}
+
 // CPU path: half types are computed in fp32 (double for fp64) and cast back.
 inline at::ScalarType cpu_compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -89,12 +89,6 @@ void check_status(const nsa::Status& s, const char* op) {
   TORCH_CHECK(s.ok(), op, ": CUDA error: ", s.message);
 }
 
-// 16-byte loads need 16-byte aligned rows; anything else is copied (documented behaviour).
-Tensor aligned_rows(const Tensor& x) {
-  const bool ok = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                  (x.dim() < 4 || x.stride(0) % 8 == 0) && x.stride(-3) % 8 == 0 && x.stride(-2) % 8 == 0;
-  return ok ? x : x.contiguous();
-}
 #endif
 
 Tensor compress_fwd_cpu(const Tensor& x, const c10::optional<Tensor>& w, const c10::optional<Tensor>& pe, int64_t block,
@@ -148,7 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cpu(const Tensor& dy_in, const T
 Tensor compress_fwd_cuda(const Tensor& x_in, const c10::optional<Tensor>& w, const c10::optional<Tensor>& pe,
                          int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = aligned_rows(x_in);
+  const Tensor x = aligned16(x_in);
   auto a = prepare(x, w, pe, block, stride, cu_seqlens, kFwd);
   Tensor y = at::empty(a.out_shape, x.options());
   a.params.y = y.data_ptr();
@@ -162,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cuda(const Tensor& dy_in, const 
                                                      const c10::optional<Tensor>& cu_seqlens) {
   constexpr const char* op = "nsa_cuda.compress_bwd";
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const Tensor x = aligned_rows(x_in);
+  const Tensor x = aligned16(x_in);
   auto a = prepare(x, w, pe, block, stride, cu_seqlens, op);
   const Tensor dy = dy_in.contiguous();  // autograd may hand in expanded (stride-0) gradients
   check_float_tensor(dy, op, "dy", static_cast<int64_t>(a.out_shape.size()), x.device());

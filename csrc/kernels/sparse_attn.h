@@ -1,0 +1,23 @@
+// Grouped sparse flash attention (DESIGN.md §1.5 selected blocks, §1.6 sliding window), forward.
+// Query-group-centric: the G query heads of a token (or, for G < 16, the heads of 16/G
+// consecutive tokens) form the 16 rows of one tensor-core tile and walk one shared list of key
+// tiles: the union of their selected blocks, or the union of their windows. Uses AttnParams
+// (attention.h) with mode kSelected or kWindow.
+#pragma once
+
+#include "attention.h"
+
+#if defined(__CUDACC__) || defined(NSA_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace nsa {
+
+// o, lse of the selected or window branch. Head dims (Dk, Dv) in {(64,64), (128,128), (192,128),
+// (256,256)}; sel_block a multiple of 32. Enqueues on `stream`, never synchronises.
+Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t stream);
+
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace nsa
+#endif

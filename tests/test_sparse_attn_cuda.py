@@ -1,0 +1,182 @@
+"""Grouped sparse attention forward (selected blocks §1.5, sliding window §1.6) on the GPU
+against nsa_cuda.reference, with FlashAttention-style bounds."""
+import pytest
+import torch
+
+import nsa_cuda
+from nsa_cuda import reference as R
+from helpers import assert_fa_close, poison_cuda_cache, requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.cuda]
+
+HEAD_DIMS = [(64, 64), (128, 128), (192, 128), (256, 256)]
+
+
+def cu_of(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+
+
+def sequences(x, cu):
+    if cu is None:
+        return [x[b] for b in range(x.shape[0])]
+    c = cu.tolist()
+    return [x[c[i]:c[i + 1]] for i in range(len(c) - 1)]
+
+
+def allowed_mask(T, H, G, mode, block_idx_seq=None, sel_block=64, window=512, device="cuda"):
+    """[T, HQ, T] bool: which keys each (token, query head) attends (DESIGN §1.5 / §1.6)."""
+    t = torch.arange(T, device=device)
+    causal = t[None, :] <= t[:, None]
+    if mode == "win":
+        m = causal & (t[None, :] > t[:, None] - window)
+        return m[:, None, :].expand(T, H * G, T)
+    blk = t // sel_block  # block of each key
+    sel = torch.zeros(T, H, (T + sel_block - 1) // sel_block + 1, dtype=torch.bool, device=device)
+    idx = block_idx_seq.long().clamp(min=-1)
+    sel.scatter_(2, torch.where(idx < 0, sel.shape[2] - 1, idx), True)
+    sel[..., -1] = False
+    m = sel[:, :, blk] & causal[:, None, :]  # [T, H, T]
+    return m.repeat_interleave(G, dim=1)
+
+
+def attention_lowp(q, k, v, allowed, scale):
+    """The same attention done by PyTorch in the input precision (FlashAttention's yardstick)."""
+    G = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(G, dim=1).transpose(0, 1)  # [HQ, T, D]
+    vv = v.repeat_interleave(G, dim=1).transpose(0, 1)
+    s = torch.matmul(q.transpose(0, 1), kk.transpose(1, 2)).float() * scale  # [HQ, T, T]
+    s = s.masked_fill(~allowed.transpose(0, 1), float("-inf"))
+    any_key = allowed.transpose(0, 1).any(-1, keepdim=True)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s.masked_fill(~any_key, 0), dim=-1).masked_fill(~any_key, 0).to(q.dtype)
+    o = torch.matmul(p, vv).transpose(0, 1)
+    return o, lse.transpose(0, 1)
+
+
+def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, window=64, idx_kind="random"):
+    q = torch.randn(*shape, H * G, Dk, device="cuda", dtype=dtype)
+    k = torch.randn(*shape, H, Dk, device="cuda", dtype=dtype)
+    v = torch.randn(*shape, H, Dv, device="cuda", dtype=dtype)
+    scale = Dk ** -0.5
+    block_idx = None
+    if mode == "sel":
+        if idx_kind == "real":
+            kc = R.compress(k.float(), block=32, stride=16, cu_seqlens=cu)
+            _, lse_c = R.compressed_attention(q.float(), kc, kc, block=32, stride=16, cu_seqlens=cu)
+            block_idx = R.select_blocks(q.float(), kc, lse_c, sel_block=sel_block, top_n=top_n, cu_seqlens=cu)
+        else:  # random lists: ascending, -1 padded at the end, duplicates allowed, future blocks cut by causality
+            rows = q.shape[:-2]
+            lens = [shape[-1]] * shape[0] if cu is None else (cu[1:] - cu[:-1]).tolist()
+            nblk_row = torch.cat([torch.full((L,), (L + sel_block - 1) // sel_block) for L in lens]).cuda()
+            nblk_row = nblk_row.reshape(*rows, 1, 1) if cu is None else nblk_row.reshape(-1, 1, 1)
+            r = (torch.rand(*rows, H, top_n, device="cuda") * nblk_row).long()
+            r = torch.where(torch.rand(*rows, H, top_n, device="cuda") < 0.8, r, 1 << 30).sort(-1).values
+            block_idx = torch.where(r == 1 << 30, -1, r).int()
+    o_shape = (*q.shape[:-1], Dv)
+    poison_cuda_cache((o_shape, dtype), (tuple(q.shape[:-1]), torch.float32))
+    if mode == "sel":
+        o, lse = nsa_cuda.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu)
+        o_ref, lse_ref = R.selected_attention(q.float(), k.float(), v.float(), block_idx, sel_block=sel_block,
+                                              cu_seqlens=cu)
+    else:
+        o, lse = nsa_cuda.window_attention(q, k, v, window=window, cu_seqlens=cu)
+        o_ref, lse_ref = R.window_attention(q.float(), k.float(), v.float(), window=window, cu_seqlens=cu)
+    assert not torch.isnan(o).any(), "unwritten (poisoned) output"
+    assert not torch.isnan(lse).any(), "unwritten (poisoned) lse"
+    # The PyTorch low-precision yardstick, per sequence.
+    o_pt, lse_pt = torch.empty_like(o), torch.empty_like(lse)
+    bi_seqs = sequences(block_idx, cu) if block_idx is not None else None
+    for i, (qs, ks, vs) in enumerate(zip(sequences(q, cu), sequences(k, cu), sequences(v, cu))):
+        T = qs.shape[0]
+        allowed = allowed_mask(T, H, G, mode, None if bi_seqs is None else bi_seqs[i], sel_block, window)
+        os_, ls_ = attention_lowp(qs, ks, vs, allowed, scale)
+        if cu is None:
+            o_pt[i], lse_pt[i] = os_, ls_
+        else:
+            c = cu.tolist()
+            o_pt[c[i]:c[i + 1]], lse_pt[c[i]:c[i + 1]] = os_, ls_
+    assert_fa_close(o, o_ref, o_pt, f"o[{mode}]")
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite), "rows with no key must give lse = -inf"
+    assert_fa_close(lse[finite], lse_ref[finite], lse_pt[finite], f"lse[{mode}]", atol=1e-4)
+    # bitwise reproducible
+    o2, lse2 = (nsa_cuda.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu) if mode == "sel"
+                else nsa_cuda.window_attention(q, k, v, window=window, cu_seqlens=cu))
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Dk,Dv", HEAD_DIMS)
+@pytest.mark.parametrize("mode", ["sel", "win"])
+def test_head_dims_dtypes(mode, Dk, Dv, dtype):
+    run_case(mode, (2, 200), 2, 4, Dk, Dv, dtype)
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 8, 16, 32])
+@pytest.mark.parametrize("mode", ["sel", "win"])
+def test_group_sizes(mode, G):
+    run_case(mode, (2, 150), 2, G, 128, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("sel_block", [32, 64, 128])
+@pytest.mark.parametrize("idx_kind", ["random", "real"])
+def test_selected_block_sizes(sel_block, idx_kind):
+    run_case("sel", (2, 333), 2, 4, 64, 64, torch.bfloat16, sel_block=sel_block, top_n=5, idx_kind=idx_kind)
+
+
+@pytest.mark.parametrize("window", [1, 17, 512])
+def test_window_sizes(window):
+    run_case("win", (2, 700), 2, 4, 64, 64, torch.bfloat16, window=window)
+
+
+@pytest.mark.parametrize("mode", ["sel", "win"])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_varlen(mode, G):
+    cu = cu_of([1, 37, 70, 0, 5, 200, 129])
+    run_case(mode, (int(cu[-1]),), 2, G, 128, 128, torch.bfloat16, cu=cu, top_n=3, window=33)
+
+
+@pytest.mark.parametrize("mode", ["sel", "win"])
+@pytest.mark.parametrize("T", [1, 2, 31, 65])
+def test_short_sequences(mode, T):
+    run_case(mode, (3, T), 1, 4, 64, 64, torch.bfloat16, top_n=2, window=16)
+
+
+def test_headline_shape_real_selection():
+    # HQ = 64, H = 4 (G = 16), D = 128, l' = 64, n = 16, w = 512 on 2048 tokens.
+    run_case("sel", (1, 2048), 4, 16, 128, 128, torch.bfloat16, top_n=16, idx_kind="real")
+    run_case("win", (1, 2048), 4, 16, 128, 128, torch.bfloat16, window=512)
+
+
+def test_unsorted_and_duplicate_block_lists():
+    q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([3, 0, 3, -1, 1], dtype=torch.int32, device="cuda").expand(1, 300, 1, 5).contiguous()
+    o, _ = nsa_cuda.selected_attention(q, k, v, idx, sel_block=64)
+    o_ref, _ = R.selected_attention(q.float(), k.float(), v.float(), idx, sel_block=64)
+    torch.testing.assert_close(o.float(), o_ref, atol=2e-2, rtol=2e-2)
+
+
+def test_strided_inputs_from_fused_qkv():
+    qkv = torch.randn(2, 100, 6, 64, device="cuda", dtype=torch.bfloat16)  # 4 q heads + k + v
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:5], qkv[:, :, 5:6]
+    o, lse = nsa_cuda.window_attention(q, k, v, window=20)
+    o2, lse2 = nsa_cuda.window_attention(q.contiguous(), k.contiguous(), v.contiguous(), window=20)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+def test_cuda_rejects_bad_sel_block():
+    q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.bfloat16)
+    idx = torch.zeros(1, 64, 1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="sel_block"):
+        nsa_cuda.selected_attention(q, k, k, idx, sel_block=16)
+
+
+def test_backward_not_implemented_yet():
+    q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.bfloat16)
+    o, _ = nsa_cuda.window_attention(q, k, k, window=8)
+    with pytest.raises(NotImplementedError, match="backward"):
+        o.sum().backward()
