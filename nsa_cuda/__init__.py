@@ -17,6 +17,8 @@ from .ops import (
     selected_attention,
     window_attention,
 )
+from .functional import nsa_attention
+from .module import NativeSparseAttention
 
 __version__ = "0.1.0"
 
@@ -33,11 +35,13 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "NativeSparseAttention",
     "build_info",
     "combine",
     "compress",
     "compressed_attention",
     "decode",
+    "nsa_attention",
     "reference",
     "select_blocks",
     "selected_attention",

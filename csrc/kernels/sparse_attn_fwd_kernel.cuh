@@ -6,8 +6,8 @@
 // the union of its tokens' selected blocks (each token keeps only its own blocks via a row
 // mask), or the union of its tokens' windows (consecutive tokens: barely more keys than one
 // window). Per tile: K, V -> shared memory, S = Q K^T (mma.sync), mask, online softmax,
-// O += P V with P kept in registers. Version 1: no cp.async pipeline, a warp waits for its own
-// loads (latency is hidden by the other warps of the SM only).
+// O += P V with P kept in registers. Tile loads are cp.async with all copies of a tile in
+// flight together; no double buffering yet (latency is hidden by the other warps of the SM).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -110,17 +110,17 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
 
     // ---- Q tile (16 rows x Dk) -> shared memory; inactive rows are zero ----
     constexpr int kVecQ = kHeadDim / 8;
+#pragma unroll
     for (int i = lane; i < kRows * kVecQ; i += 32) {
       const int r = i / kVecQ, c = (i % kVecQ) * 8;
       const int tok = r / rm.heads, hh = r % rm.heads;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (tok >= p_begin && tok < p_end && r < rm.tokens * rm.heads) {
-        const index_t t = t0 + tok;
-        val = *reinterpret_cast<const uint4*>(q + (row_begin + t) * p.q_stride.row +
-                                              static_cast<index_t>(rm.head0 + hh) * p.q_stride.head + c);
-      }
-      *reinterpret_cast<uint4*>(sQ + r * Cfg::kLdQK + c) = val;
+      const bool on = tok >= p_begin && tok < p_end && r < rm.tokens * rm.heads;
+      const T* src = on ? q + (row_begin + t0 + tok) * p.q_stride.row + static_cast<index_t>(rm.head0 + hh) * p.q_stride.head + c
+                        : q;
+      mma::cp_async_16(sQ + r * Cfg::kLdQK + c, src, on);
     }
+    mma::cp_async_commit();
+    mma::cp_async_wait_all();
     __syncwarp();
 
     // Per-thread row state: rows gid and gid+8.
@@ -141,22 +141,25 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
 
     // One step over keys [s0, s0 + 32) with token mask `tokmask` (bit per token of the group).
     auto step = [&](index_t s0, unsigned tokmask) {
-      // K, V tiles -> shared memory (rows past the sequence read as zero).
+      // K, V tiles -> shared memory, every 16-byte copy of the tile in flight at once (rows past
+      // the sequence are zero-filled without being read).
       constexpr int kVecK = kHeadDim / 8, kVecV = kHeadDimV / 8;
+#pragma unroll
       for (int i = lane; i < kBlockN * kVecK; i += 32) {
         const int r = i / kVecK, c = (i % kVecK) * 8;
         const index_t s = s0 + r;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (s < seq_len) val = *reinterpret_cast<const uint4*>(k + (row_begin + s) * p.k_stride.row + c);
-        *reinterpret_cast<uint4*>(sK + r * Cfg::kLdQK + c) = val;
+        const bool on = s < seq_len;
+        mma::cp_async_16(sK + r * Cfg::kLdQK + c, on ? k + (row_begin + s) * p.k_stride.row + c : k, on);
       }
+#pragma unroll
       for (int i = lane; i < kBlockN * kVecV; i += 32) {
         const int r = i / kVecV, c = (i % kVecV) * 8;
         const index_t s = s0 + r;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (s < seq_len) val = *reinterpret_cast<const uint4*>(v + (row_begin + s) * p.v_stride.row + c);
-        *reinterpret_cast<uint4*>(sV + r * Cfg::kLdV + c) = val;
+        const bool on = s < seq_len;
+        mma::cp_async_16(sV + r * Cfg::kLdV + c, on ? v + (row_begin + s) * p.v_stride.row + c : v, on);
       }
+      mma::cp_async_commit();
+      mma::cp_async_wait_all();
       __syncwarp();
 
       // S = Q K^T over the 32 keys: 4 n-tiles of 8 keys.
