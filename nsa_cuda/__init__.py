@@ -17,6 +17,7 @@ from .ops import (
     selected_attention,
     window_attention,
 )
+from .cache import NSACache
 from .functional import nsa_attention
 from .module import NativeSparseAttention
 
@@ -35,6 +36,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "NSACache",
     "NativeSparseAttention",
     "build_info",
     "combine",

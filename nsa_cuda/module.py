@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import reference
+from . import ops, reference
+from .cache import NSACache
 from .functional import nsa_attention
 
 __all__ = ["NativeSparseAttention", "apply_rotary", "packed_positions"]
@@ -74,7 +75,7 @@ class NativeSparseAttention(nn.Module):
     ``[HQ, 2HQ)`` the selected one, ``[2HQ, 3HQ)`` the window), ``o_proj`` (HQ*Dv -> C) and,
     for linear compression, ``w_k``, ``w_v``, ``pe_k``, ``pe_v``.
 
-    ``forward(x, cu_seqlens=None, attention_mask=None, max_seqlen=None)``:
+    ``forward(x, cu_seqlens=None, attention_mask=None, max_seqlen=None, cache=None, layer_idx=0)``:
 
     * padded batch: ``x [B, T, C]``, every row a sequence of length ``T``;
     * packed batch: ``x [total, C]`` and int32 ``cu_seqlens [N + 1]``; RoPE positions
@@ -86,6 +87,24 @@ class NativeSparseAttention(nn.Module):
       PyTorch 2.14 traces it under ``torch.compile(fullgraph=True)`` (tested), but older
       versions may need a graph break there; ``cu_seqlens`` (pack outside the compiled
       region) is the path that never does.
+
+    Generation (``cache=`` an :class:`nsa_cuda.cache.NSACache`, ``layer_idx=`` this layer's index in
+    it; padded ``x [B, T, C]`` only):
+
+    * while the cache is empty (nothing committed by ``cache.advance()`` since its ``reset``), the
+      call is a prefill: the prompt ``x`` (with an optional ``attention_mask``; any mask works,
+      the real tokens of each row are compacted to the front, and their outputs put back where
+      they came from) runs through :func:`nsa_cuda.nsa_attention` as usual, and its keys (after
+      RoPE) and values fill the cache with ``cache.prefill``;
+    * otherwise ``x [B, n, C]`` holds the next ``n`` tokens of every sequence (usually ``n = 1``):
+      RoPE positions are ``cache.cache_seqlens[b] + j``, ``cache.append`` stores their keys and
+      values (and the compressed tokens that become due), and :func:`nsa_cuda.decode` attends
+      each new token to the cache (one decode call per token when ``n > 1``). ``attention_mask``
+      is not taken here.
+
+    The layer never advances the cache: the model calls ``cache.advance()`` once per step after
+    all its layers ran. The cache is written under ``no_grad`` (inference only), and the decode
+    op has no backward.
 
     Returns ``[B, T, C]`` (or ``[total, C]``). Inside, ``q``, ``k``, ``v``, the gates and the
     compression parameters are cast to the dtype of ``q`` (under autocast the projections'
@@ -215,9 +234,13 @@ class NativeSparseAttention(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                max_seqlen: Optional[int] = None) -> Tensor:
+                max_seqlen: Optional[int] = None, cache: Optional[NSACache] = None, layer_idx: int = 0) -> Tensor:
         """``x [B, T, C]`` (or packed ``[total, C]`` with ``cu_seqlens``, or ``[B, T, C]`` with
-        ``attention_mask [B, T]``) -> ``[B, T, C]`` / ``[total, C]``. See the class docstring."""
+        ``attention_mask [B, T]``) -> ``[B, T, C]`` / ``[total, C]``. With ``cache`` (and
+        ``layer_idx``): prefill of an empty cache, else decoding of the next tokens ``x [B, n, C]``.
+        See the class docstring."""
+        if cache is not None:
+            return self._forward_cached(x, cu_seqlens, attention_mask, cache, layer_idx)
         return self._run(x, cu_seqlens, attention_mask, max_seqlen, self._nsa_ops)
 
     def reference_forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None,
@@ -283,6 +306,14 @@ class NativeSparseAttention(nn.Module):
     def _attend(self, x: Tensor, positions: Optional[Tensor], cu_seqlens: Optional[Tensor],
                 max_seqlen: Optional[int], attn: Callable) -> Tensor:
         lead = x.shape[:-1]
+        HQ, Dv = self.num_heads, self.v_head_dim
+        q, k, v, gates, comp = self._project(x, positions)
+        o = attn(q, k, v, gates, comp, cu_seqlens, max_seqlen)  # [*lead, HQ, Dv]
+        return self.o_proj(o.reshape(*lead, HQ * Dv))
+
+    def _project(self, x: Tensor, positions: Optional[Tensor]):
+        """``q, k, v`` (RoPE applied at ``positions``), the three gates and the compression
+        parameters, all in the dtype of ``q``."""
         HQ, H, Dk, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
         q = self.q_proj(x).unflatten(-1, (HQ, Dk))
         k = self.k_proj(x).unflatten(-1, (H, Dk))
@@ -297,5 +328,73 @@ class NativeSparseAttention(nn.Module):
         comp = {}
         if self.w_k is not None:
             comp = dict(w_k=self.w_k.to(dt), w_v=self.w_v.to(dt), pe_k=self.pe_k.to(dt), pe_v=self.pe_v.to(dt))
-        o = attn(q, k, v, gates, comp, cu_seqlens, max_seqlen)  # [*lead, HQ, Dv]
-        return self.o_proj(o.reshape(*lead, HQ * Dv))
+        return q, k, v, gates, comp
+
+    # ------------------------------------------------------------------------------------------
+    # generation with an NSACache
+
+    def _forward_cached(self, x: Tensor, cu_seqlens: Optional[Tensor], attention_mask: Optional[Tensor],
+                        cache: NSACache, layer_idx: int) -> Tensor:
+        name = type(self).__name__
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"{name}: argument 'cache' must be an nsa_cuda.cache.NSACache, got "
+                            f"{type(cache).__name__}")
+        if cu_seqlens is not None:
+            raise ValueError(f"{name}: with a cache, pass a padded 'x' [B, T, C] (right-padded prompts with "
+                             "attention_mask), not 'cu_seqlens'")
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size or x.shape[0] != cache.batch_size:
+            raise ValueError(f"{name}: with a cache, argument 'x' must be [B={cache.batch_size}, T, "
+                             f"C={self.hidden_size}], got shape {list(x.shape)}")
+        for attr in ("num_kv_heads", "head_dim", "v_head_dim", "cmp_block", "cmp_stride"):
+            if getattr(cache, attr) != getattr(self, attr):
+                raise ValueError(f"{name}: argument 'cache' has {attr}={getattr(cache, attr)}, this layer "
+                                 f"{getattr(self, attr)}")
+        if cache.is_empty:
+            return self._prefill_cached(x, attention_mask, cache, layer_idx)
+        if attention_mask is not None:
+            raise ValueError(f"{name}: 'attention_mask' applies to the prompt (the prefill of an empty cache) "
+                             "only; decoding steps take every row's next tokens")
+        return self._decode_cached(x, cache, layer_idx)
+
+    def _prefill_cached(self, x: Tensor, attention_mask: Optional[Tensor], cache: NSACache,
+                        layer_idx: int) -> Tensor:
+        B, T, C = x.shape
+        HQ, Dv = self.num_heads, self.v_head_dim
+        mask = seqlens = dest = None
+        if attention_mask is not None:
+            if attention_mask.shape != x.shape[:2]:
+                raise ValueError(f"{type(self).__name__}: argument 'attention_mask' must have shape "
+                                 f"{list(x.shape[:2])} ([B, T] of 'x'), got {list(attention_mask.shape)}")
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+            seqlens = mask.sum(1, dtype=torch.int32)
+            # compact every row's real tokens to its front (fixed shapes, no sync): right padding
+            dest = torch.where(mask, mask.cumsum(1) - 1, T)  # [B, T]; masked-out -> spare column T
+            x = x.new_zeros(B, T + 1, C).scatter(1, dest[..., None].expand(-1, -1, C), x)[:, :T]
+        positions = torch.arange(T, device=x.device) if self.rope_theta is not None else None
+        q, k, v, gates, comp = self._project(x, positions)
+        cache.prefill(layer_idx, k, v, seqlens, **comp)
+        # causal: on a right-padded batch the real positions of a row never see its padding, so
+        # the padded-batch call gives each row's prefill output at its real positions
+        o = nsa_attention(q, k, v, *gates, **comp, **self._nsa_kwargs())
+        out = self.o_proj(o.reshape(B, T, HQ * Dv))
+        if mask is None:
+            return out
+        out = torch.gather(out, 1, dest.clamp(max=T - 1)[..., None].expand(-1, -1, out.shape[-1]))
+        return torch.where(mask[..., None], out, 0)
+
+    def _decode_cached(self, x: Tensor, cache: NSACache, layer_idx: int) -> Tensor:
+        B, n, _ = x.shape
+        HQ, Dv = self.num_heads, self.v_head_dim
+        positions = None
+        if self.rope_theta is not None:
+            positions = cache.cache_seqlens.to(torch.int64)[:, None] + torch.arange(n, device=x.device)  # [B, n]
+        q, k, v, gates, comp = self._project(x, positions)
+        cache.append(layer_idx, k, v, **comp)
+        dt = cache.dtype
+        kc, vc, kcc, vcc = cache.layer(layer_idx)
+        outs = []
+        for j in range(n):  # token j of the step sees positions 0 .. cache_seqlens + j
+            outs.append(ops.decode(q[:, j].to(dt), kc, vc, kcc, vcc, cache.cache_seqlens + (j + 1),
+                                   *(g[:, j].to(dt) for g in gates), **self._nsa_kwargs()))
+        o = torch.stack(outs, 1).to(q.dtype)  # [B, n, HQ, Dv]
+        return self.o_proj(o.reshape(B, n, HQ * Dv))

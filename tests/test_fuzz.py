@@ -43,6 +43,10 @@ def _load(name, path):  # same loading as tests/test_reference.py (shares the mo
 
 naive = _load("nsa_naive", ROOT / "tests" / "naive.py")
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 F64 = torch.float64
 TOL = 1e-9  # float64 op vs float64 loops
 LSE_TOL = 1e-6  # lse is stored in fp32
@@ -141,15 +145,21 @@ class Problem:
 
 def _length(l, lo=0):
     edges = [t for t in (0, 1, l - 1, l, l + 1, 2 * l) if t >= lo]
-    return st.one_of(st.sampled_from(edges), st.integers(lo, 64))
+    return st.one_of(st.sampled_from(edges), st.integers(lo, 100), st.integers(max(lo, 40), 100))
 
 
 @st.composite
-def problems(draw, packed=None, min_seqs=1, max_tokens=144):
+def problems(draw, packed=None, min_seqs=1, max_tokens=200):
     l = draw(st.sampled_from([8, 16, 32]))
     d = draw(st.sampled_from([x for x in (1, 2, 4, 8, 16, 32) if l % x == 0]))
     sel = draw(st.sampled_from([m * d for m in range(1, 65) if 8 <= m * d <= 64]))
     packed = draw(st.booleans()) if packed is None else packed
+    H = draw(st.sampled_from([1, 2]))
+    G = draw(st.sampled_from([1, 2, 4]))
+    # keep the naive loops quick: fewer tokens with many heads or many compressed tokens (small d)
+    max_tokens = min(max_tokens, 1000 // (H * G))
+    if d < 4:
+        max_tokens //= 2
     lens = B = T = None
     if packed:
         lens = draw(st.lists(_length(l), min_size=min_seqs, max_size=4))
@@ -158,10 +168,8 @@ def problems(draw, packed=None, min_seqs=1, max_tokens=144):
             lens = [x * max_tokens // s for x in lens]
     else:
         B = draw(st.integers(1, 3))
-        T = draw(_length(l, lo=1))
+        T = min(draw(_length(l, lo=1)), max_tokens)
         B = max(1, min(B, max_tokens // T))
-    H = draw(st.sampled_from([1, 2]))
-    G = draw(st.sampled_from([1, 2, 4]))
     Dk = draw(st.integers(1, 8))
     Dv = draw(st.integers(1, 8))
     scale = draw(st.one_of(st.none(), st.floats(0.1, 2.0)))
@@ -224,7 +232,7 @@ def assert_block_idx_well_formed(idx, p, top_n):
         t = torch.arange(T).view(T, 1, 1)
         valid = rows >= 0
         assert (rows >= -1).all()
-        assert (rows[valid] < p.nblocks(T)).all() if valid.any() else True
+        assert (rows[valid] < p.nblocks(T)).all(), "a block past the end of its sequence"
         assert (torch.where(valid, rows * p.sel, 0) <= t).all(), "a selected block starts after its query"
         # valid entries first, then padding; strictly ascending among the valid ones
         assert (valid[..., 1:] <= valid[..., :-1]).all(), "-1 padding must be at the end"
@@ -251,7 +259,7 @@ def rand_block_idx(p, n):
 # every op against the naive loops (+ gradients against the reference, determinism, finiteness)
 
 
-@fuzz(40)
+@fuzz(250)
 @given(p=problems(), mode=st.sampled_from(["mean", "linear", "linear_pe"]), dout=st.integers(1, 6))
 def test_compress_vs_naive(p, mode, dout):
     x = p.tokens(p.H, p.Dk)
@@ -279,7 +287,7 @@ def test_compress_vs_naive(p, mode, dout):
         close(a, b, msg=f"{name} vs reference")
 
 
-@fuzz(40)
+@fuzz(250)
 @given(p=problems())
 def test_compressed_attention_vs_naive(p):
     q = p.tokens(p.HQ, p.Dk)
@@ -305,10 +313,10 @@ def test_compressed_attention_vs_naive(p):
         assert (g[1][p.gap_mask()] == 0).all() and (g[2][p.gap_mask()] == 0).all(), "gap rows get no gradient"
     _, _, g_r = run(R.compressed_attention)
     for name, a, b in zip(("dq", "dk_cmp", "dv_cmp"), g, g_r):
-        close(a.nan_to_num(0.0), b.nan_to_num(0.0), msg=f"{name} vs reference")
+        close(a, b, msg=f"{name} vs reference")
 
 
-@fuzz(40)
+@fuzz(250)
 @given(p=problems(), top_n=st.integers(1, 6), init_blocks=st.integers(0, 2), local_blocks=st.integers(0, 3))
 def test_select_blocks_vs_naive(p, top_n, init_blocks, local_blocks):
     q = p.tokens(p.HQ, p.Dk)
@@ -325,7 +333,7 @@ def test_select_blocks_vs_naive(p, top_n, init_blocks, local_blocks):
     assert_block_idx_well_formed(idx, p, top_n)
 
 
-@fuzz(40)
+@fuzz(250)
 @given(p=problems(), n=st.integers(1, 5))
 def test_selected_attention_vs_naive(p, n):
     q, k, v = p.tokens(p.HQ, p.Dk), p.tokens(p.H, p.Dk), p.tokens(p.H, p.Dv)
@@ -351,7 +359,7 @@ def test_selected_attention_vs_naive(p, n):
         close(a, b, msg=f"{name} vs reference")
 
 
-@fuzz(40)
+@fuzz(250)
 @given(p=problems(), window=st.one_of(st.sampled_from([1, 2]), st.integers(1, 80)))
 def test_window_attention_vs_naive(p, window):
     q, k, v = p.tokens(p.HQ, p.Dk), p.tokens(p.H, p.Dk), p.tokens(p.H, p.Dv)
@@ -376,7 +384,7 @@ def test_window_attention_vs_naive(p, window):
         close(a, b, msg=f"{name} vs reference")
 
 
-@fuzz(25)
+@fuzz(60)
 @given(lead=st.lists(st.integers(0, 5), min_size=1, max_size=3), HQ=st.integers(1, 8), Dv=st.integers(1, 8),
        seed=st.integers(0, 2 ** 31 - 1))
 def test_combine_vs_naive(lead, HQ, Dv, seed):
@@ -413,7 +421,7 @@ def decode_problems(draw):
     return p, S, seqlens, hp, extra
 
 
-@fuzz(40)
+@fuzz(250)
 @given(case=decode_problems())
 def test_decode_vs_naive(case):
     # cache_seqlens 0 is accepted by the op (o = 0, like the naive loops); the reference rejects it.
@@ -470,7 +478,7 @@ def _run_op(name, p, t, packed_view, top_n=3, window=9):
     return [o.detach(), lse.detach()], grads([o], a, [t["go"]])
 
 
-def _inputs(p, name):
+def _inputs(p):
     t = dict(q=p.tokens(p.HQ, p.Dk), k=p.tokens(p.H, p.Dk), v=p.tokens(p.H, p.Dv), x=p.tokens(p.H, p.Dk),
              w=p.randn(p.H, p.l * p.Dk, 3) if p.seed % 2 else None, go=p.tokens(p.HQ, p.Dv),
              kc=p.compressed(p.H, p.Dk, 0.0), vc=p.compressed(p.H, p.Dv, 0.0), idx=rand_block_idx(p, 3))
@@ -486,10 +494,10 @@ _CMP_KEYS = ("kc", "vc", "gy")
 
 
 @pytest.mark.parametrize("name", VARLEN_OPS)
-@fuzz(12)
+@fuzz(50)
 @given(p=problems(packed=True))
 def test_varlen_equals_padded(name, p):
-    t = _inputs(p, name)
+    t = _inputs(p)
     outs, gs = _run_op(name, p, t, True)
     grad_keys = {"compress": ("x", "w"), "compressed_attention": ("q", "kc", "vc")}.get(name, ("q", "k", "v"))
     grad_keys = [k for k in grad_keys if t[k] is not None]
@@ -518,7 +526,7 @@ NAN_OPS = VARLEN_OPS + ["combine", "decode"]
 
 
 @pytest.mark.parametrize("name", NAN_OPS)
-@fuzz(12)
+@fuzz(50)
 @given(p=problems(packed=True, min_seqs=2), pick=st.integers(0, 2 ** 20), value=st.sampled_from(
     [math.nan, math.inf, -math.inf]))
 def test_nan_stays_in_its_sequence(name, p, pick, value):
@@ -560,7 +568,7 @@ def test_nan_stays_in_its_sequence(name, p, pick, value):
             assert_bitwise(dirty[b], clean[b], f"decode: sequence {b}")
         return
 
-    t = _inputs(p, name)
+    t = _inputs(p)
     keys = {"compress": ["x"], "compressed_attention": ["q", "kc", "vc"], "select_blocks": ["q", "kc", "lse"],
             "selected_attention": ["q", "k", "v"], "window_attention": ["q", "k", "v"]}[name]
     key = keys[pick % len(keys)]
@@ -617,12 +625,18 @@ def cuda_compress_cases(draw):
     return l, d, D, Dout, mode, H, shape, cu, seed
 
 
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@requires_cuda
 @fuzz(25)
 @given(case=cuda_compress_cases())
 def test_compress_cuda_fuzz(case):
-    from test_compress_cuda import check_forward_backward, make_inputs  # noqa: F401 (compress_lowp inside)
+    # check_forward_backward (tests/test_compress_cuda.py): y, dx, dw, dpe against the fp32 reference
+    # with assert_fa_close (tests/helpers.py), each within 2x the error of the same computation done by
+    # PyTorch in bf16 (compress_lowp); outputs poisoned with NaN beforehand; backward bitwise reproducible.
+    from test_compress_cuda import check_forward_backward, make_inputs
 
     l, d, D, Dout, mode, H, shape, lens, seed = case
     torch.manual_seed(seed)
@@ -631,6 +645,27 @@ def test_compress_cuda_fuzz(case):
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
         shape = (sum(lens),)
     x, w, pe = make_inputs(mode, shape, H, D, Dout, torch.bfloat16, l)
-    # forward and backward against the fp32 reference, each within 2x PyTorch-bf16's own error
-    # (compress_lowp), poisoned outputs, bitwise-reproducible backward
     check_forward_backward(x, w, pe, l, d, cu)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.xfail(strict=False, reason=(
+    "fix landed (run_compress_bwd now zeroes dW / dpe when the packed batch has no rows) but has not "
+    "run on a GPU yet: drop this mark once tools/gpu_check.sh passes it"))
+@pytest.mark.parametrize("mode", ["linear", "linear_pe"])
+def test_compress_cuda_empty_packed_batch_param_grads_are_zero(mode):
+    from helpers import poison_cuda_cache
+    from test_compress_cuda import make_inputs
+
+    cu = torch.zeros(3, dtype=torch.int32, device="cuda")  # two sequences, both empty: total = 0
+    x, w, pe = make_inputs(mode, (0,), 2, 64, 64, torch.bfloat16, 32)
+    params = [t.requires_grad_(True) for t in (x, w, pe) if t is not None]
+    y = nsa_cuda.compress(x, w, pe, block=32, stride=16, cu_seqlens=cu)
+    assert y.shape == (0, 2, 64)
+    dy = torch.zeros_like(y)
+    torch.cuda.empty_cache()  # so that dW / dpe land in the poisoned blocks
+    poison_cuda_cache(*[(tuple(t.shape), t.dtype) for t in params[1:]])
+    grads = torch.autograd.grad(y, params, dy)
+    for name, g in zip(("dx", "dw", "dpe"), grads):
+        assert torch.equal(g, torch.zeros_like(g)), f"{name} must be zero when there are no tokens (CPU path: zero)"

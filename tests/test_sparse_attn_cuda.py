@@ -47,13 +47,15 @@ def attention_lowp(q, k, v, allowed, scale):
     s = torch.matmul(q.transpose(0, 1), kk.transpose(1, 2)).float() * scale  # [HQ, T, T]
     s = s.masked_fill(~allowed.transpose(0, 1), float("-inf"))
     any_key = allowed.transpose(0, 1).any(-1, keepdim=True)
-    lse = torch.logsumexp(s, dim=-1)
+    # rows with no key: lse = -inf without NaN gradients
+    lse = torch.logsumexp(s.masked_fill(~any_key, 0), dim=-1).masked_fill(~any_key[..., 0], float("-inf"))
     p = torch.softmax(s.masked_fill(~any_key, 0), dim=-1).masked_fill(~any_key, 0).to(q.dtype)
     o = torch.matmul(p, vv).transpose(0, 1)
     return o, lse.transpose(0, 1)
 
 
-def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, window=64, idx_kind="random"):
+def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, window=64, idx_kind="random",
+             grad=True, with_dlse=True):
     q = torch.randn(*shape, H * G, Dk, device="cuda", dtype=dtype)
     k = torch.randn(*shape, H, Dk, device="cuda", dtype=dtype)
     v = torch.randn(*shape, H, Dv, device="cuda", dtype=dtype)
@@ -74,35 +76,63 @@ def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, w
             block_idx = torch.where(r == 1 << 30, -1, r).int()
     o_shape = (*q.shape[:-1], Dv)
     poison_cuda_cache((o_shape, dtype), (tuple(q.shape[:-1]), torch.float32))
-    if mode == "sel":
-        o, lse = nsa_cuda.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu)
-        o_ref, lse_ref = R.selected_attention(q.float(), k.float(), v.float(), block_idx, sel_block=sel_block,
-                                              cu_seqlens=cu)
-    else:
-        o, lse = nsa_cuda.window_attention(q, k, v, window=window, cu_seqlens=cu)
-        o_ref, lse_ref = R.window_attention(q.float(), k.float(), v.float(), window=window, cu_seqlens=cu)
+
+    def ours(q, k, v):
+        if mode == "sel":
+            return nsa_cuda.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu)
+        return nsa_cuda.window_attention(q, k, v, window=window, cu_seqlens=cu)
+
+    def reference(q, k, v):
+        if mode == "sel":
+            return R.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu)
+        return R.window_attention(q, k, v, window=window, cu_seqlens=cu)
+
+    leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    leaves_ref = [t.detach().float().requires_grad_(grad) for t in (q, k, v)]
+    leaves_pt = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    o, lse = ours(*leaves)
+    o_ref, lse_ref = reference(*leaves_ref)
     assert not torch.isnan(o).any(), "unwritten (poisoned) output"
     assert not torch.isnan(lse).any(), "unwritten (poisoned) lse"
     # The PyTorch low-precision yardstick, per sequence.
-    o_pt, lse_pt = torch.empty_like(o), torch.empty_like(lse)
+    o_pts, lse_pts = [], []
     bi_seqs = sequences(block_idx, cu) if block_idx is not None else None
-    for i, (qs, ks, vs) in enumerate(zip(sequences(q, cu), sequences(k, cu), sequences(v, cu))):
+    for i, (qs, ks, vs) in enumerate(zip(*(sequences(t, cu) for t in leaves_pt))):
         T = qs.shape[0]
         allowed = allowed_mask(T, H, G, mode, None if bi_seqs is None else bi_seqs[i], sel_block, window)
         os_, ls_ = attention_lowp(qs, ks, vs, allowed, scale)
-        if cu is None:
-            o_pt[i], lse_pt[i] = os_, ls_
-        else:
-            c = cu.tolist()
-            o_pt[c[i]:c[i + 1]], lse_pt[c[i]:c[i + 1]] = os_, ls_
+        o_pts.append(os_)
+        lse_pts.append(ls_)
+    o_pt = torch.cat(o_pts) if cu is not None else torch.stack(o_pts)
+    lse_pt = torch.cat(lse_pts) if cu is not None else torch.stack(lse_pts)
     assert_fa_close(o, o_ref, o_pt, f"o[{mode}]")
     finite = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse), finite), "rows with no key must give lse = -inf"
     assert_fa_close(lse[finite], lse_ref[finite], lse_pt[finite], f"lse[{mode}]", atol=1e-4)
-    # bitwise reproducible
-    o2, lse2 = (nsa_cuda.selected_attention(q, k, v, block_idx, sel_block=sel_block, cu_seqlens=cu) if mode == "sel"
-                else nsa_cuda.window_attention(q, k, v, window=window, cu_seqlens=cu))
+    # bitwise reproducible forward
+    o2, lse2 = ours(q, k, v)
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    if not grad:
+        return
+    do = torch.randn_like(o)
+    dlse = torch.randn_like(lse).masked_fill(~finite, 0) if with_dlse else torch.zeros_like(lse)
+
+    def grads(o_, lse_, leaves_):
+        lse_term = (lse_.float().masked_fill(~finite, 0) * dlse).sum() if with_dlse else 0
+        return torch.autograd.grad((o_.float() * do.float()).sum() + lse_term, leaves_)
+
+    poison_cuda_cache((tuple(q.shape), dtype), (tuple(k.shape), dtype), (tuple(v.shape), dtype))
+    g = grads(o, lse, leaves)
+    g_ref = grads(o_ref, lse_ref, leaves_ref)
+    g_pt = grads(o_pt, lse_pt, leaves_pt)
+    for name, a, r, b in zip(("dq", "dk", "dv"), g, g_ref, g_pt):
+        assert not torch.isnan(a).any(), f"{name}: unwritten (poisoned) elements"
+        assert_fa_close(a, r, b, f"{name}[{mode}]")
+    # bitwise reproducible backward (no atomics)
+    o3, lse3 = ours(*leaves)
+    g2 = grads(o3, lse3, leaves)
+    for a, b in zip(g, g2):
+        assert torch.equal(a, b), "backward is not bitwise reproducible"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -148,6 +178,11 @@ def test_headline_shape_real_selection():
     run_case("win", (1, 2048), 4, 16, 128, 128, torch.bfloat16, window=512)
 
 
+def test_backward_deterministic_large():
+    # Many tokens select the same blocks: long per-block lists, still bitwise reproducible.
+    run_case("sel", (1, 4096), 2, 16, 128, 128, torch.bfloat16, top_n=16, idx_kind="random")
+
+
 def test_unsorted_and_duplicate_block_lists():
     q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
@@ -174,9 +209,6 @@ def test_cuda_rejects_bad_sel_block():
         nsa_cuda.selected_attention(q, k, k, idx, sel_block=16)
 
 
-def test_backward_not_implemented_yet():
-    q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, 64, 1, 64, device="cuda", dtype=torch.bfloat16)
-    o, _ = nsa_cuda.window_attention(q, k, k, window=8)
-    with pytest.raises(NotImplementedError, match="backward"):
-        o.sum().backward()
+@pytest.mark.parametrize("mode", ["sel", "win"])
+def test_backward_without_lse_gradient(mode):
+    run_case(mode, (2, 257), 2, 4, 128, 128, torch.bfloat16, with_dlse=False)

@@ -20,6 +20,9 @@ HEADDIMS = {64: 64, 128: 128, 192: 128, 256: 256}  # Dk -> Dv
 HEADDIM_FAMILIES = [
     ("sparse_attn_fwd", "sparse_attn_launch.cuh",
      "template Status run_sparse_attn_fwd<{T}, {D}, {DV}>(const AttnParams&, cudaStream_t);"),
+    ("sparse_attn_bwd", "sparse_attn_bwd_launch.cuh",
+     "template Status run_sparse_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, const int*, const int*, index_t,"
+     " cudaStream_t);"),
 ]
 
 # Families instantiated per dtype only: (file stem, launch header, instantiation with {T})

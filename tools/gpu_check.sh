@@ -72,7 +72,9 @@ summary "tests: rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")
 if [ $BENCH = 1 ]; then
   archs=90a; [ $QUICK = 1 ] || archs="80;90a"
   : > "$OUT/bench.log"
-  if cmake -S . -B build-cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES="$archs" >> "$OUT/build.log" 2>&1 \
+  if ! ls bench/cpp/$BENCH_GLOB.cu >/dev/null 2>&1; then
+    echo "no C++ benchmark matches $BENCH_GLOB: skipping the CMake build"
+  elif cmake -S . -B build-cmake -G Ninja -DCMAKE_CUDA_ARCHITECTURES="$archs" >> "$OUT/build.log" 2>&1 \
      && cmake --build build-cmake -j "$MAX_JOBS" >> "$OUT/build.log" 2>&1; then
     for b in build-cmake/$BENCH_GLOB; do
       [ -x "$b" ] || continue
@@ -87,7 +89,7 @@ if [ $BENCH = 1 ]; then
   for b in bench/$BENCH_GLOB.py; do
     [ -f "$b" ] || continue
     echo "==== $b" >> "$OUT/bench.log"
-    $PY "$b" > /tmp/bench_one.log 2>&1; brc=$?
+    NSA_BENCH_T=${NSA_BENCH_T:-} $PY "$b" > /tmp/bench_one.log 2>&1; brc=$?
     cat /tmp/bench_one.log >> "$OUT/bench.log"
     summary "$(basename "$b"): rc=$brc"; tail -25 /tmp/bench_one.log
   done

@@ -54,6 +54,9 @@ struct AttnBwdParams : AttnParams {
   void* dq = nullptr;  Strides3 dq_stride;
   void* dk = nullptr;  Strides3 dk_stride;
   void* dv = nullptr;  Strides3 dv_stride;
+  // rowsum(dout * out) - dlse per (token, query head), fp32, layout of lse (CUDA kernels).
+  const float* delta = nullptr;
+  void* workspace = nullptr;  // sparse_attn_bwd_workspace_bytes() bytes (selected mode)
 };
 
 // Block scoring + top-n selection (§1.3-§1.4) from the compressed branch's lse.

@@ -52,7 +52,14 @@ template <typename T>
 Status run_compress_bwd(const CompressBwdParams& p, cudaStream_t stream) {
   using namespace compress_detail;
   const index_t xr = x_rows(p);
-  if (xr == 0 || p.heads == 0) return Status{};
+  if (xr == 0 || p.heads == 0) {
+    // No token at all: the parameter gradients are exactly zero (dx is empty).
+    const size_t ld = static_cast<size_t>(p.block) * p.head_dim * p.heads;
+    cudaError_t e = cudaSuccess;
+    if (p.dw != nullptr) e = cudaMemsetAsync(p.dw, 0, ld * p.out_dim * sizeof(T), stream);
+    if (e == cudaSuccess && p.dpe != nullptr) e = cudaMemsetAsync(p.dpe, 0, ld * sizeof(T), stream);
+    return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+  }
   if (p.head_dim % kVec != 0) return Status{2, "head dim must be a multiple of 8"};
   if (p.linear() && (p.head_dim % kBN != 0 || p.out_dim % kBN != 0)) return Status{2, "linear mode needs head dims that are multiples of 64"};
   const index_t n = xr * p.heads * (p.head_dim / kVec);

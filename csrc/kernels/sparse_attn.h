@@ -1,4 +1,5 @@
-// Grouped sparse flash attention (DESIGN.md §1.5 selected blocks, §1.6 sliding window), forward.
+// Grouped sparse flash attention (DESIGN.md §1.5 selected blocks, §1.6 sliding window), forward
+// and backward.
 // Query-group-centric: the G query heads of a token (or, for G < 16, the heads of 16/G
 // consecutive tokens) form the 16 rows of one tensor-core tile and walk one shared list of key
 // tiles: the union of their selected blocks, or the union of their windows. Uses AttnParams
@@ -18,6 +19,16 @@ Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t strea
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream);
+
+// dq, dk, dv of the selected or window branch from dout, out, lse and delta =
+// rowsum(dout * out) - dlse (AttnBwdParams::delta). Deterministic: no atomics. The selected
+// branch needs sparse_attn_bwd_workspace_bytes(p) bytes of workspace (p.workspace).
+Status sparse_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
+size_t sparse_attn_bwd_workspace_bytes(const AttnParams& p);
+
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const int* sorted_tokens, index_t num_pairs,
+                           cudaStream_t stream);
 
 }  // namespace nsa
 #endif

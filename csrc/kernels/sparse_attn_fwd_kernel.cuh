@@ -5,25 +5,14 @@
 // so small groups still fill the m16 tensor-core tile. The warp walks key tiles of 32 keys:
 // the union of its tokens' selected blocks (each token keeps only its own blocks via a row
 // mask), or the union of its tokens' windows (consecutive tokens: barely more keys than one
-// window). Per tile: K, V -> shared memory, S = Q K^T (mma.sync), mask, online softmax,
-// O += P V with P kept in registers. Tile loads are cp.async with all copies of a tile in
-// flight together; no double buffering yet (latency is hidden by the other warps of the SM).
+// window). Per tile: K, V -> shared memory (cp.async), S = Q K^T (mma.sync), mask, online
+// softmax, O += P V with P kept in registers.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cfloat>
-#include <climits>
-
-#include "mma_sm80.cuh"
-#include "sparse_attn.h"
+#include "sparse_attn_common.cuh"
 
 namespace nsa {
 namespace sparse_detail {
-
-constexpr int kBlockN = 32;  // keys per step
-constexpr int kRows = 16;    // rows per warp (one m16 tile)
 
 template <int kHeadDim, int kHeadDimV>
 struct FwdConfig {
@@ -33,13 +22,6 @@ struct FwdConfig {
   static constexpr int kLdV = kHeadDimV + 8;
   static constexpr int kSmemElemsPerWarp = kRows * kLdQK + kBlockN * kLdQK + kBlockN * kLdV;
   static constexpr int kSmemBytes = kWarps * kSmemElemsPerWarp * 2;
-};
-
-// Rows of one warp: which token and which query head each of the 16 rows is.
-struct RowMap {
-  int tokens;         // P: consecutive tokens per warp
-  int heads;          // query heads per token in this warp (min(G, 16), or fewer in the last chunk)
-  int head0;          // first query head (absolute, g*G + chunk*16)
 };
 
 template <typename T, int kHeadDim, int kHeadDimV>
@@ -53,72 +35,22 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
   T* sK = sQ + kRows * Cfg::kLdQK;
   T* sV = sK + kBlockN * Cfg::kLdQK;
 
-  const int G = p.heads_q / p.heads_kv;
-  const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  const int g = blockIdx.y / chunks, chunk = blockIdx.y % chunks;
-  RowMap rm;
-  rm.tokens = G >= kRows ? 1 : kRows / G;
-  rm.head0 = g * G + chunk * kRows;
-  rm.heads = G >= kRows ? min(kRows, G - chunk * kRows) : G;
-
-  // Token group of this warp.
-  const index_t item = static_cast<index_t>(blockIdx.x) * Cfg::kWarps + warp;
+  const RowMap rm = query_row_map(p);
+  Group gr;
+  if (!group_of(p, rm.tokens, static_cast<index_t>(blockIdx.x) * Cfg::kWarps + warp, gr)) return;
+  const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
-  index_t group_row0;  // first token's row in the row space (packed) or position (padded)
-  int b_padded = 0;
-  if (!packed) {
-    if (p.seqlen <= 0) return;
-    const index_t groups = (p.seqlen + rm.tokens - 1) / rm.tokens;
-    if (item >= groups * p.batch) return;
-    b_padded = static_cast<int>(item / groups);
-    group_row0 = (item % groups) * rm.tokens;
-  } else {
-    group_row0 = item * rm.tokens;
-    if (group_row0 >= p.total_rows) return;
-  }
-  const float scale_log2 = p.scale * 1.4426950408889634f;
-  const bool selected = p.mode == AttnMode::kSelected;
 
-  // A packed group can straddle sequences: one pass per sequence it touches.
-  int p_begin = 0;
-  while (p_begin < rm.tokens) {
-    int b;
-    index_t row_begin;  // row of position 0 of this sequence
-    int seq_len;
-    if (!packed) {
-      b = b_padded;
-      row_begin = 0;
-      seq_len = p.seqlen;
-    } else {
-      b = find_sequence(p.cu_seqlens, p.batch, group_row0 + p_begin);
-      if (b < 0) break;  // past the last sequence (malformed cu_seqlens are clamped)
-      const SeqGeom sg = seq_geom(p.cu_seqlens, b, 0, p.total_rows);
-      row_begin = sg.row_begin;
-      seq_len = sg.len;
-    }
-    // Tokens p in [p_begin, p_end) of this pass, at positions t = t0 + p.
-    const index_t t0 = group_row0 - row_begin;  // position of token 0 of the group (may be < 0 for p_begin > 0)
-    int p_end = rm.tokens;
-    if (t0 + p_end > seq_len) p_end = static_cast<int>(seq_len - t0);
-    if (p_end <= p_begin) break;
+  Pass ps;
+  for (int pb = 0; next_pass(p, rm.tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const index_t row_begin = ps.row_begin, t0 = ps.t0;
+    const int seq_len = ps.seq_len;
+    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
+    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
+    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
 
-    const index_t bq = packed ? 0 : b * p.q_stride.batch, bk = packed ? 0 : b * p.k_stride.batch;
-    const index_t bv = packed ? 0 : b * p.v_stride.batch, bo = packed ? 0 : b * p.o_stride.batch;
-    const T* q = static_cast<const T*>(p.q) + bq;
-    const T* k = static_cast<const T*>(p.k) + bk + static_cast<index_t>(g) * p.k_stride.head;
-    const T* v = static_cast<const T*>(p.v) + bv + static_cast<index_t>(g) * p.v_stride.head;
-
-    // ---- Q tile (16 rows x Dk) -> shared memory; inactive rows are zero ----
-    constexpr int kVecQ = kHeadDim / 8;
-#pragma unroll
-    for (int i = lane; i < kRows * kVecQ; i += 32) {
-      const int r = i / kVecQ, c = (i % kVecQ) * 8;
-      const int tok = r / rm.heads, hh = r % rm.heads;
-      const bool on = tok >= p_begin && tok < p_end && r < rm.tokens * rm.heads;
-      const T* src = on ? q + (row_begin + t0 + tok) * p.q_stride.row + static_cast<index_t>(rm.head0 + hh) * p.q_stride.head + c
-                        : q;
-      mma::cp_async_16(sQ + r * Cfg::kLdQK + c, src, on);
-    }
+    load_query_rows_async<T, kHeadDim>(sQ, Cfg::kLdQK, q, p.q_stride, rm, ps, lane);
     mma::cp_async_commit();
     mma::cp_async_wait_all();
     __syncwarp();
@@ -130,57 +62,23 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
     for (int ri = 0; ri < 2; ++ri) {
       const int r = gid + ri * 8;
       row_tok[ri] = r / rm.heads;
-      row_on[ri] = r < rm.tokens * rm.heads && row_tok[ri] >= p_begin && row_tok[ri] < p_end;
+      row_on[ri] = r < rm.tokens * rm.heads && row_tok[ri] >= ps.p_begin && row_tok[ri] < ps.p_end;
     }
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float o_acc[kHeadDimV / 8][4];
 #pragma unroll
     for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    const bool selected = p.mode == AttnMode::kSelected;
 
-    const index_t t_first = t0 + p_begin, t_last = t0 + p_end - 1;
-
-    // One step over keys [s0, s0 + 32) with token mask `tokmask` (bit per token of the group).
-    auto step = [&](index_t s0, unsigned tokmask) {
-      // K, V tiles -> shared memory, every 16-byte copy of the tile in flight at once (rows past
-      // the sequence are zero-filled without being read).
-      constexpr int kVecK = kHeadDim / 8, kVecV = kHeadDimV / 8;
-#pragma unroll
-      for (int i = lane; i < kBlockN * kVecK; i += 32) {
-        const int r = i / kVecK, c = (i % kVecK) * 8;
-        const index_t s = s0 + r;
-        const bool on = s < seq_len;
-        mma::cp_async_16(sK + r * Cfg::kLdQK + c, on ? k + (row_begin + s) * p.k_stride.row + c : k, on);
-      }
-#pragma unroll
-      for (int i = lane; i < kBlockN * kVecV; i += 32) {
-        const int r = i / kVecV, c = (i % kVecV) * 8;
-        const index_t s = s0 + r;
-        const bool on = s < seq_len;
-        mma::cp_async_16(sV + r * Cfg::kLdV + c, on ? v + (row_begin + s) * p.v_stride.row + c : v, on);
-      }
+    walk_key_tiles(p, ps, rm.g, lane, [&](index_t s0, unsigned tokmask) {
+      load_rows_async<T, kHeadDim, kBlockN>(sK, Cfg::kLdQK, k, p.k_stride.row, row_begin, s0, seq_len, lane);
+      load_rows_async<T, kHeadDimV, kBlockN>(sV, Cfg::kLdV, v, p.v_stride.row, row_begin, s0, seq_len, lane);
       mma::cp_async_commit();
       mma::cp_async_wait_all();
       __syncwarp();
 
-      // S = Q K^T over the 32 keys: 4 n-tiles of 8 keys.
-      float s_acc[4][4];
-#pragma unroll
-      for (int n = 0; n < 4; ++n) s_acc[n][0] = s_acc[n][1] = s_acc[n][2] = s_acc[n][3] = 0.f;
-#pragma unroll
-      for (int k0 = 0; k0 < kHeadDim; k0 += 16) {
-        uint32_t a[4];
-        a[0] = *reinterpret_cast<const uint32_t*>(sQ + gid * Cfg::kLdQK + k0 + 2 * tig);
-        a[1] = *reinterpret_cast<const uint32_t*>(sQ + (gid + 8) * Cfg::kLdQK + k0 + 2 * tig);
-        a[2] = *reinterpret_cast<const uint32_t*>(sQ + gid * Cfg::kLdQK + k0 + 8 + 2 * tig);
-        a[3] = *reinterpret_cast<const uint32_t*>(sQ + (gid + 8) * Cfg::kLdQK + k0 + 8 + 2 * tig);
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-          uint32_t bb[2];
-          bb[0] = *reinterpret_cast<const uint32_t*>(sK + (n * 8 + gid) * Cfg::kLdQK + k0 + 2 * tig);
-          bb[1] = *reinterpret_cast<const uint32_t*>(sK + (n * 8 + gid) * Cfg::kLdQK + k0 + 8 + 2 * tig);
-          mma::m16n8k16<T>(s_acc[n], a, bb);
-        }
-      }
+      float s_acc[4][4] = {};
+      gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, Cfg::kLdQK, sK, Cfg::kLdQK, gid, tig);
 
       // Mask, online softmax (scores stay unscaled; scale folded into the exponent).
 #pragma unroll
@@ -222,66 +120,12 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
           o_acc[n][ri * 2 + 1] *= alpha;
         }
       }
-
-      // O += P V: P (16 x 32) from the S registers, two k-steps of 16 keys.
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        uint32_t a[4];
-        a[0] = mma::pack2<T>(s_acc[2 * kk][0], s_acc[2 * kk][1]);
-        a[1] = mma::pack2<T>(s_acc[2 * kk][2], s_acc[2 * kk][3]);
-        a[2] = mma::pack2<T>(s_acc[2 * kk + 1][0], s_acc[2 * kk + 1][1]);
-        a[3] = mma::pack2<T>(s_acc[2 * kk + 1][2], s_acc[2 * kk + 1][3]);
-        const T* v0 = sV + (kk * 16 + 2 * tig) * Cfg::kLdV + gid;
-#pragma unroll
-        for (int n = 0; n < kHeadDimV / 8; ++n) {
-          uint32_t bb[2];
-          bb[0] = mma::pack2<T>(v0[n * 8], v0[Cfg::kLdV + n * 8]);
-          bb[1] = mma::pack2<T>(v0[8 * Cfg::kLdV + n * 8], v0[9 * Cfg::kLdV + n * 8]);
-          mma::m16n8k16<T>(o_acc[n], a, bb);
-        }
-      }
+      gemm_16x32_regs_nn<T, kHeadDimV>(o_acc, s_acc, sV, Cfg::kLdV, gid, tig);  // O += P V
       __syncwarp();  // the next step overwrites sK / sV
-    };
-
-    if (selected) {
-      // Walk the union of the active tokens' block lists in ascending order. Lane `tok` scans its
-      // token's list for the smallest block above the last one taken (lists need not be sorted;
-      // duplicates and negative entries are ignored), the warp takes the minimum.
-      const int* list = nullptr;
-      const bool lane_tok = lane >= p_begin && lane < p_end;
-      if (lane_tok)
-        list = p.block_idx + (packed ? 0 : b * p.block_idx_stride.batch) +
-               (row_begin + t0 + lane) * p.block_idx_stride.row + static_cast<index_t>(g) * p.block_idx_stride.head;
-      const int n_blocks_seq = (seq_len + p.sel_block - 1) / p.sel_block;
-      int last = -1;
-      while (true) {
-        int next = INT_MAX;
-        if (lane_tok)
-          for (int i = 0; i < p.top_n; ++i) {
-            const int j = __ldg(list + i);
-            if (j > last && j < next && j < n_blocks_seq) next = j;
-          }
-        int j = next;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) j = min(j, __shfl_xor_sync(0xffffffffu, j, off));
-        if (j == INT_MAX) break;
-        const unsigned tokmask = __ballot_sync(0xffffffffu, lane_tok && next == j);
-        const index_t blk0 = static_cast<index_t>(j) * p.sel_block;
-        for (int sub = 0; sub < p.sel_block; sub += kBlockN) {
-          const index_t s0 = blk0 + sub;
-          if (s0 > t_last || s0 >= seq_len) break;
-          step(s0, tokmask);
-        }
-        last = j;
-      }
-    } else {
-      index_t lo = t_first - p.window + 1;
-      lo = lo < 0 ? 0 : (lo / kBlockN) * kBlockN;
-      for (index_t s0 = lo; s0 <= t_last; s0 += kBlockN) step(s0, 0xffffffffu);
-    }
+    });
 
     // ---- epilogue: normalise, write o and lse ----
-    T* o = static_cast<T*>(p.o) + bo;
+    T* o = static_cast<T*>(p.o) + (packed ? 0 : b * p.o_stride.batch);
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
       float l = l_run[ri];
@@ -302,7 +146,6 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
             l > 0.f ? m_run[ri] * p.scale + logf(l) : -INFINITY;
     }
     __syncwarp();
-    p_begin = p_end;
   }
 }
 

@@ -9,6 +9,7 @@
 // routine of csrc/kernels/cpu/attention_cpu.h and casts back to the caller's dtype.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -263,7 +264,7 @@ AttnArgs prepare_attn_bwd(const char* op, nsa::AttnMode mode, const Tensor& dout
 // CPU forward of any branch: upcast, run, cast back.
 std::tuple<Tensor, Tensor> attn_fwd_cpu(AttnArgs a, const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto ct = cpu_compute_type(q.scalar_type());
-  const Tensor qc = q.to(ct), kc = k.to(ct), vc = v.to(ct);
+  const Tensor qc = to_compute(q, ct), kc = to_compute(k, ct), vc = to_compute(v, ct);
   auto& p = a.params;
   p.q = qc.data_ptr();
   p.q_stride = strides3(qc);
@@ -285,7 +286,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(AttnArgs a, const Tensor& dout, 
                                                 const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                                 const Tensor& lse) {
   const auto ct = cpu_compute_type(q.scalar_type());
-  const Tensor qc = q.to(ct), kc = k.to(ct), vc = v.to(ct), oc = out.to(ct), doc = dout.to(ct);
+  const Tensor qc = to_compute(q, ct), kc = to_compute(k, ct), vc = to_compute(v, ct), oc = to_compute(out, ct), doc = to_compute(dout, ct);
   const Tensor lsec = lse.contiguous();
   const Tensor dlsec = dlse.has_value() ? dlse->contiguous() : Tensor();
   nsa::AttnBwdParams p;
@@ -455,7 +456,7 @@ Tensor select_blocks_cpu(const Tensor& q, const Tensor& k_cmp, const Tensor& lse
   auto a = prepare_select(q, k_cmp, lse, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
                           cu_seqlens);
   const auto ct = cpu_compute_type(q.scalar_type());
-  const Tensor qc = q.to(ct), kc = k_cmp.to(ct), lsec = lse.contiguous();
+  const Tensor qc = to_compute(q, ct), kc = to_compute(k_cmp, ct), lsec = lse.contiguous();
   auto& p = a.params;
   p.q = qc.data_ptr();
   p.q_stride = strides3(qc);
@@ -526,7 +527,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> combine_bwd(const Ten
   prepare_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, &dout, kCombineBwd);
   const auto ct = cpu_compute_type(o_cmp.scalar_type());
   const auto st = o_cmp.scalar_type();
-  const Tensor d = dout.to(ct);
+  const Tensor d = to_compute(dout, ct);
   auto branch = [&](const Tensor& o, const Tensor& g) {
     return std::make_pair(g.to(ct).unsqueeze(-1).mul(d).to(st).contiguous(), d.mul(o.to(ct)).sum(-1).to(st).contiguous());
   };
@@ -642,8 +643,8 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   auto a = prepare_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, scale,
                           cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks, window, true);
   const auto ct = cpu_compute_type(q.scalar_type());
-  const Tensor qc = q.to(ct), kc = k_cache.to(ct), vc = v_cache.to(ct), kcc = k_cmp_cache.to(ct),
-               vcc = v_cmp_cache.to(ct), csl = cache_seqlens.contiguous();
+  const Tensor qc = to_compute(q, ct), kc = to_compute(k_cache, ct), vc = to_compute(v_cache, ct), kcc = to_compute(k_cmp_cache, ct),
+               vcc = to_compute(v_cmp_cache, ct), csl = cache_seqlens.contiguous();
   const Tensor gc = g_cmp.to(ct).contiguous(), gs = g_slc.to(ct).contiguous(), gw = g_win.to(ct).contiguous();
   auto& p = a.params;
   p.q = qc.data_ptr();
@@ -677,7 +678,6 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 #ifdef NSA_WITH_CUDA
 constexpr const char* kFeatCmp = "compressed attention (issue: compressed attention and block selection)";
 constexpr const char* kFeatSelect = "block selection (issue: compressed attention and block selection)";
-constexpr const char* kFeatSparse = "the backward of selected/sliding-window attention (issue: grouped sparse flash attention)";
 constexpr const char* kFeatDecode = "decoding (issue: inference KV cache and decode kernel)";
 
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q, const Tensor& k_cmp, const Tensor& v_cmp, double scale,
@@ -737,15 +737,60 @@ std::tuple<Tensor, Tensor> sel_attn_fwd_cuda(const Tensor& q, const Tensor& k, c
   return sparse_fwd_cuda(kSelFwd, nsa::AttnMode::kSelected, q, k, v, &block_idx, scale, sel_block, 0, cu_seqlens);
 }
 
+// Selected / window backward on the GPU: dq, dk, dv without atomics (bitwise reproducible).
+std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode mode, const Tensor& dout_in,
+                                                   const c10::optional<Tensor>& dlse, const Tensor& q_in,
+                                                   const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
+                                                   const Tensor& lse, const Tensor* block_idx, double scale,
+                                                   int64_t sel_block, int64_t window,
+                                                   const c10::optional<Tensor>& cu_seqlens) {
+  const Tensor dout_c = last_dim_contiguous(dout_in);
+  prepare_attn_bwd(op, mode, dout_c, dlse, q_in, k_in, v_in, out_in, lse, "k", "v", scale, 0, 0, sel_block, window,
+                   block_idx, cu_seqlens, false);
+  TORCH_CHECK_VALUE(mode != nsa::AttnMode::kSelected || sel_block % 32 == 0, op,
+                    ": on CUDA 'sel_block' must be a multiple of 32, got ", sel_block);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
+  AttnArgs a = prepare_attn(op, mode, q, k, v, "k", "v", scale, 0, 0, sel_block, window, block_idx, cu_seqlens, false);
+  const Tensor lse_c = lse.contiguous();
+  Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
+  if (dlse.has_value()) delta = delta.sub(*dlse);
+  delta = delta.contiguous();
+  const auto c = at::MemoryFormat::Contiguous;
+  Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
+  Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));  // keys of no sequence stay zero
+  Tensor dv = at::zeros(v.sizes(), v.options().memory_format(c));
+  nsa::AttnBwdParams p;
+  static_cast<nsa::AttnParams&>(p) = a.params;
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides3(dout);
+  p.dq = dq.data_ptr();
+  p.dq_stride = strides3(dq);
+  p.dk = dk.data_ptr();
+  p.dk_stride = strides3(dk);
+  p.dv = dv.data_ptr();
+  p.dv_stride = strides3(dv);
+  const size_t ws_bytes = nsa::sparse_attn_bwd_workspace_bytes(p);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
+  const nsa::Status st =
+      nsa::sparse_attn_bwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
+  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
+  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+  return {dq, dk, dv};
+}
+
 std::tuple<Tensor, Tensor, Tensor> sel_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,
                                                      const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& out, const Tensor& lse, const Tensor& block_idx,
                                                      double scale, int64_t sel_block,
                                                      const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn_bwd(kSelBwd, nsa::AttnMode::kSelected, last_dim_contiguous(dout), dlse, q, k, v, out, lse, "k", "v",
-                   scale, 0, 0, sel_block, 0, &block_idx, cu_seqlens, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kSelBwd, kFeatSparse);
-  return {};
+  return sparse_bwd_cuda(kSelBwd, nsa::AttnMode::kSelected, dout, dlse, q, k, v, out, lse, &block_idx, scale,
+                         sel_block, 0, cu_seqlens);
 }
 
 std::tuple<Tensor, Tensor> win_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
@@ -757,10 +802,8 @@ std::tuple<Tensor, Tensor, Tensor> win_attn_bwd_cuda(const Tensor& dout, const c
                                                      const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& out, const Tensor& lse, double scale, int64_t window,
                                                      const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn_bwd(kWinBwd, nsa::AttnMode::kWindow, last_dim_contiguous(dout), dlse, q, k, v, out, lse, "k", "v", scale,
-                   0, 0, 0, window, nullptr, cu_seqlens, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kWinBwd, kFeatSparse);
-  return {};
+  return sparse_bwd_cuda(kWinBwd, nsa::AttnMode::kWindow, dout, dlse, q, k, v, out, lse, nullptr, scale, 0, window,
+                         cu_seqlens);
 }
 
 Tensor decode_fwd_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_cmp_cache,

@@ -110,6 +110,13 @@ inline Tensor aligned16(const Tensor& x) {
 // CPU path: half types are computed in fp32 (double for fp64) and cast back.
 inline at::ScalarType cpu_compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// t in the CPU compute type with its last dim contiguous: Tensor::to() keeps the layout of a
+// view whose heads overlap (head stride 1), which would leave a last-dim stride != 1.
+inline Tensor to_compute(const Tensor& t, at::ScalarType ct) {
+  Tensor r = t.to(ct);
+  return r.dim() == 0 || r.numel() == 0 || r.stride(-1) == 1 ? r : r.contiguous();
+}
+
 // Raised by CUDA implementations whose kernels have not landed yet.
 #define NSA_CUDA_NOT_IMPLEMENTED(OP, FEATURE)                                                     \
   TORCH_CHECK_NOT_IMPLEMENTED(false, OP, ": the CUDA kernel for ", FEATURE,                      \

@@ -95,7 +95,7 @@ Tensor compress_fwd_cpu(const Tensor& x, const c10::optional<Tensor>& w, const c
                         int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
   prepare(x, w, pe, block, stride, cu_seqlens, kFwd);  // validate the caller's tensors first
   const auto ct = cpu_compute_type(x.scalar_type());
-  const Tensor xc = x.to(ct);
+  const Tensor xc = to_compute(x, ct);
   c10::optional<Tensor> wc, pec;
   if (w) wc = w->to(ct).contiguous();
   if (pe) pec = pe->to(ct).contiguous();
@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cpu(const Tensor& dy_in, const T
   constexpr const char* op = "nsa_cuda.compress_bwd";
   prepare(x, w, pe, block, stride, cu_seqlens, op);
   const auto ct = cpu_compute_type(x.scalar_type());
-  const Tensor xc = x.to(ct);
+  const Tensor xc = to_compute(x, ct);
   c10::optional<Tensor> wc, pec;
   if (w) wc = w->to(ct).contiguous();
   if (pe) pec = pe->to(ct).contiguous();

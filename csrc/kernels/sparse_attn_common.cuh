@@ -1,0 +1,225 @@
+// Pieces shared by the grouped sparse attention kernels (forward, dQ, dK/dV): how a warp's 16
+// rows map to (token, head) pairs, how a group of consecutive positions splits into passes that
+// stay inside one sequence, the walk over key tiles (union of selected blocks / window), and
+// asynchronous tile loads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <climits>
+
+#include "mma_sm80.cuh"
+#include "sparse_attn.h"
+
+namespace nsa {
+namespace sparse_detail {
+
+constexpr int kBlockN = 32;  // keys (or query rows) per step
+constexpr int kRows = 16;    // rows per warp (one m16 tile)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Query-side rows of one warp: the G heads of one token (16 per warp when G >= 16, blockIdx.y
+// picks the chunk), or the heads of P = 16/G consecutive tokens when G < 16.
+struct RowMap {
+  int g;       // KV head
+  int tokens;  // P: consecutive tokens per warp
+  int heads;   // query heads per token in this warp
+  int head0;   // first query head (absolute)
+};
+
+__device__ __forceinline__ int head_chunks(const AttnParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  return G >= kRows ? (G + kRows - 1) / kRows : 1;
+}
+
+__device__ __forceinline__ RowMap query_row_map(const AttnParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  const int chunks = head_chunks(p);
+  const int chunk = blockIdx.y % chunks;
+  RowMap rm;
+  rm.g = blockIdx.y / chunks;
+  rm.tokens = G >= kRows ? 1 : kRows / G;
+  rm.head0 = rm.g * G + chunk * kRows;
+  rm.heads = G >= kRows ? min(kRows, G - chunk * kRows) : G;
+  return rm;
+}
+
+// A group of `tokens` consecutive positions handled by one warp.
+struct Group {
+  index_t row0;  // packed: first row of the group; padded: first position
+  int b;         // padded: batch index
+};
+
+__device__ __forceinline__ bool group_of(const AttnParams& p, int tokens, index_t item, Group& gr) {
+  if (p.cu_seqlens == nullptr) {
+    if (p.seqlen <= 0) return false;
+    const index_t groups = (p.seqlen + tokens - 1) / tokens;
+    if (item >= groups * p.batch) return false;
+    gr.b = static_cast<int>(item / groups);
+    gr.row0 = (item % groups) * tokens;
+    return true;
+  }
+  gr.b = 0;
+  gr.row0 = item * tokens;
+  return gr.row0 < p.total_rows;
+}
+
+// The positions [t0 + p_begin, t0 + p_end) of a group that lie in one sequence (a packed group
+// can straddle sequences) and, when split > 0, in one aligned span of `split` positions.
+struct Pass {
+  int b;
+  index_t row_begin;  // row of position 0 of the sequence (0 when padded)
+  int seq_len;
+  index_t t0;         // position of the group's first slot (may be negative on later passes)
+  int p_begin, p_end;
+};
+
+__device__ __forceinline__ bool next_pass(const AttnParams& p, int tokens, const Group& gr, int p_begin, int split,
+                                          Pass& ps) {
+  if (p_begin >= tokens) return false;
+  if (p.cu_seqlens == nullptr) {
+    ps.b = gr.b;
+    ps.row_begin = 0;
+    ps.seq_len = p.seqlen;
+  } else {
+    ps.b = find_sequence(p.cu_seqlens, p.batch, gr.row0 + p_begin);
+    if (ps.b < 0) return false;  // past the last sequence (malformed cu_seqlens are clamped)
+    const SeqGeom sg = seq_geom(p.cu_seqlens, ps.b, 0, p.total_rows);
+    ps.row_begin = sg.row_begin;
+    ps.seq_len = sg.len;
+  }
+  ps.t0 = gr.row0 - ps.row_begin;
+  int p_end = tokens;
+  if (ps.t0 + p_end > ps.seq_len) p_end = static_cast<int>(ps.seq_len - ps.t0);
+  if (split > 0) {
+    const index_t span_end = ((ps.t0 + p_begin) / split + 1) * split;
+    if (ps.t0 + p_end > span_end) p_end = static_cast<int>(span_end - ps.t0);
+  }
+  ps.p_begin = p_begin;
+  ps.p_end = p_end;
+  return p_end > p_begin;
+}
+
+// Calls step(s0, tokmask) for every 32-key tile the pass's tokens attend, in ascending order:
+// the union of their selected blocks (tokmask: which tokens of the group selected the tile's
+// block; lists need not be sorted, duplicates and negative or out-of-range entries are
+// ignored), or the union of their windows (tokmask all ones).
+template <class Step>
+__device__ __forceinline__ void walk_key_tiles(const AttnParams& p, const Pass& ps, int g, int lane, Step&& step) {
+  const index_t t_first = ps.t0 + ps.p_begin, t_last = ps.t0 + ps.p_end - 1;
+  if (p.mode == AttnMode::kSelected) {
+    const int* list = nullptr;
+    const bool lane_tok = lane >= ps.p_begin && lane < ps.p_end;
+    if (lane_tok)
+      list = p.block_idx + (p.cu_seqlens ? 0 : ps.b * p.block_idx_stride.batch) +
+             (ps.row_begin + ps.t0 + lane) * p.block_idx_stride.row + static_cast<index_t>(g) * p.block_idx_stride.head;
+    const int n_blocks_seq = (ps.seq_len + p.sel_block - 1) / p.sel_block;
+    int last = -1;
+    while (true) {
+      int next = INT_MAX;
+      if (lane_tok)
+        for (int i = 0; i < p.top_n; ++i) {
+          const int j = __ldg(list + i);
+          if (j > last && j < next && j < n_blocks_seq) next = j;
+        }
+      int j = next;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) j = min(j, __shfl_xor_sync(0xffffffffu, j, off));
+      if (j == INT_MAX) break;
+      const unsigned tokmask = __ballot_sync(0xffffffffu, lane_tok && next == j);
+      const index_t blk0 = static_cast<index_t>(j) * p.sel_block;
+      for (int sub = 0; sub < p.sel_block; sub += kBlockN) {
+        const index_t s0 = blk0 + sub;
+        if (s0 > t_last || s0 >= ps.seq_len) break;
+        step(s0, tokmask);
+      }
+      last = j;
+    }
+  } else {
+    index_t lo = t_first - p.window + 1;
+    lo = lo < 0 ? 0 : (lo / kBlockN) * kBlockN;
+    for (index_t s0 = lo; s0 <= t_last; s0 += kBlockN) step(s0, 0xffffffffu);
+  }
+}
+
+// cp.async of kTileRows consecutive sequence rows [s0, s0 + kTileRows) of a [.., D] tensor into a
+// padded shared tile; rows outside [0, seq_len) are zero-filled without being read. Does not
+// wait: the caller commits and waits once for all its tiles.
+template <typename T, int kDim, int kTileRows>
+__device__ __forceinline__ void load_rows_async(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
+                                                index_t s0, int seq_len, int lane) {
+  constexpr int kVec = kDim / 8;
+#pragma unroll
+  for (int i = lane; i < kTileRows * kVec; i += 32) {
+    const int r = i / kVec, c = (i % kVec) * 8;
+    const index_t s = s0 + r;
+    const bool on = s >= 0 && s < seq_len;
+    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
+  }
+}
+
+// cp.async of the warp's 16 query-side rows (token of the group, head) of a [.., HQ, D] tensor.
+template <typename T, int kDim>
+__device__ __forceinline__ void load_query_rows_async(T* dst, int ld, const T* base, const Strides3& st,
+                                                      const RowMap& rm, const Pass& ps, int lane) {
+  constexpr int kVec = kDim / 8;
+#pragma unroll
+  for (int i = lane; i < kRows * kVec; i += 32) {
+    const int r = i / kVec, c = (i % kVec) * 8;
+    const int tok = r / rm.heads, hh = r % rm.heads;
+    const bool on = tok >= ps.p_begin && tok < ps.p_end && r < rm.tokens * rm.heads;
+    const T* src = on ? base + (ps.row_begin + ps.t0 + tok) * st.row + static_cast<index_t>(rm.head0 + hh) * st.head + c
+                      : base;
+    mma::cp_async_16(dst + r * ld + c, src, on);
+  }
+}
+
+// 16 x 32 product of a 16 x kDim A tile and a 32 x kDim B tile (both row-major in shared
+// memory, B read as "col": acc[n] += A * B[n*8 .. n*8+7]^T).
+template <typename T, int kDim>
+__device__ __forceinline__ void gemm_16x32_nt(float (&acc)[4][4], const T* sA, int lda, const T* sB, int ldb, int gid,
+                                              int tig) {
+#pragma unroll
+  for (int k0 = 0; k0 < kDim; k0 += 16) {
+    uint32_t a[4];
+    a[0] = *reinterpret_cast<const uint32_t*>(sA + gid * lda + k0 + 2 * tig);
+    a[1] = *reinterpret_cast<const uint32_t*>(sA + (gid + 8) * lda + k0 + 2 * tig);
+    a[2] = *reinterpret_cast<const uint32_t*>(sA + gid * lda + k0 + 8 + 2 * tig);
+    a[3] = *reinterpret_cast<const uint32_t*>(sA + (gid + 8) * lda + k0 + 8 + 2 * tig);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      uint32_t bb[2];
+      bb[0] = *reinterpret_cast<const uint32_t*>(sB + (n * 8 + gid) * ldb + k0 + 2 * tig);
+      bb[1] = *reinterpret_cast<const uint32_t*>(sB + (n * 8 + gid) * ldb + k0 + 8 + 2 * tig);
+      mma::m16n8k16<T>(acc[n], a, bb);
+    }
+  }
+}
+
+// acc[16 x kDimOut] += P (16 x 32, in the C-fragment registers of a 16x32 product) * B, B a
+// 32 x kDimOut row-major shared tile (the k dimension runs over B's rows).
+template <typename T, int kDimOut>
+__device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4], const float (&pf)[4][4],
+                                                   const T* sB, int ldb, int gid, int tig) {
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    uint32_t a[4];
+    a[0] = mma::pack2<T>(pf[2 * kk][0], pf[2 * kk][1]);
+    a[1] = mma::pack2<T>(pf[2 * kk][2], pf[2 * kk][3]);
+    a[2] = mma::pack2<T>(pf[2 * kk + 1][0], pf[2 * kk + 1][1]);
+    a[3] = mma::pack2<T>(pf[2 * kk + 1][2], pf[2 * kk + 1][3]);
+    const T* b0 = sB + (kk * 16 + 2 * tig) * ldb + gid;
+#pragma unroll
+    for (int n = 0; n < kDimOut / 8; ++n) {
+      uint32_t bb[2];
+      bb[0] = mma::pack2<T>(b0[n * 8], b0[ldb + n * 8]);
+      bb[1] = mma::pack2<T>(b0[8 * ldb + n * 8], b0[9 * ldb + n * 8]);
+      mma::m16n8k16<T>(acc[n], a, bb);
+    }
+  }
+}
+
+}  // namespace sparse_detail
+}  // namespace nsa
