@@ -6,6 +6,11 @@ RMSNorm, LM head. It is shared by the examples: ``generate.py`` (greedy generati
 :class:`nsa_cuda.cache.NSACache`) and, later, a training example (``forward`` takes padded
 ``[B, T]`` ids with an optional ``attention_mask``, or packed ``[total]`` ids with
 ``cu_seqlens``, and returns logits).
+
+``TinyLMConfig(attention="full")`` builds the same model with full causal attention
+(:class:`FullAttention`: the same q/k/v/o projections and RoPE, then
+``torch.nn.functional.scaled_dot_product_attention``) in place of NSA, the baseline of the
+training example ``train_recall.py``. It has no KV cache: generate with ``use_cache=False``.
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from torch import Tensor, nn
 
 from nsa_cuda import NativeSparseAttention
 from nsa_cuda.cache import NSACache
+from nsa_cuda.module import apply_rotary, packed_positions
 
-__all__ = ["TinyLMConfig", "TinyLM"]
+__all__ = ["TinyLMConfig", "TinyLM", "FullAttention"]
 
 
 @dataclass
@@ -42,6 +48,81 @@ class TinyLMConfig:
     compression: str = "linear"
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    attention: str = "nsa"  # "nsa" (NativeSparseAttention) or "full" (causal SDPA, for comparison)
+
+
+class FullAttention(nn.Module):
+    """Full causal attention with the projections and RoPE of :class:`NativeSparseAttention`
+    (no gates, no compression), computed by ``F.scaled_dot_product_attention``.
+
+    Same ``forward`` contract: padded ``x [B, T, C]``; packed ``[total, C]`` with int32
+    ``cu_seqlens`` (block-diagonal causal mask, RoPE positions restart per sequence); or
+    ``[B, T, C]`` with ``attention_mask [B, T]`` (the real tokens of a row, in order, are its
+    sequence; masked positions of the output are zero). The two masked layouts build an explicit
+    ``[.., T, T]`` mask: fine for examples, not for long packed batches. No KV cache.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, *, rope_theta: Optional[float] = 10000.0, bias: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        if num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"FullAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        self.rope_theta = rope_theta
+        HQ, H, D = num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(hidden_size, HQ * D, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, H * D, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, H * D, bias=bias)
+        self.o_proj = nn.Linear(HQ * D, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor, cu_seqlens: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                cache: Optional[NSACache] = None, layer_idx: int = 0) -> Tensor:
+        if cache is not None:
+            raise NotImplementedError("FullAttention has no KV cache: generate with use_cache=False")
+        packed = x.dim() == 2
+        if packed:
+            if cu_seqlens is None:
+                raise ValueError("FullAttention: a packed x [total, C] needs cu_seqlens")
+            xb = x[None]
+            pos = packed_positions(cu_seqlens, x.shape[0])[None]
+            seg = torch.searchsorted(cu_seqlens[1:].to(torch.int64), torch.arange(x.shape[0], device=x.device),
+                                     right=True)[None]
+            real = torch.ones_like(seg, dtype=torch.bool)
+        else:
+            xb = x
+            B, T = x.shape[:2]
+            if attention_mask is None:
+                pos, seg, real = torch.arange(T, device=x.device), None, None
+            else:
+                real = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+                pos = real.long().cumsum(1) - 1
+                seg = torch.zeros_like(pos)
+        B, T = xb.shape[:2]
+        HQ, H, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(xb).unflatten(-1, (HQ, D))
+        k = self.k_proj(xb).unflatten(-1, (H, D))
+        v = self.v_proj(xb).unflatten(-1, (H, D))
+        if self.rope_theta is not None:
+            q = apply_rotary(q, pos, self.rope_theta)
+            k = apply_rotary(k, pos, self.rope_theta)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+        if H != HQ:  # GQA: query head h reads KV head h // (HQ // H)
+            k = k.repeat_interleave(HQ // H, dim=1)
+            v = v.repeat_interleave(HQ // H, dim=1)
+        if seg is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            allowed = causal & (seg[:, :, None] == seg[:, None, :]) & real[:, None, :]  # [B, Tq, Tk]
+            allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)  # padded rows: no empty softmax
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        out = self.o_proj(o.transpose(1, 2).reshape(B, T, HQ * D))
+        if real is not None and not packed:
+            out = torch.where(real[..., None], out, 0)
+        return out[0] if packed else out
 
 
 class MLP(nn.Module):
@@ -61,7 +142,13 @@ class Block(nn.Module):
     def __init__(self, cfg: TinyLMConfig):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=1e-6)
-        self.attn = NativeSparseAttention(
+        if cfg.attention not in ("nsa", "full"):
+            raise ValueError(f"TinyLMConfig.attention must be 'nsa' or 'full', got {cfg.attention!r}")
+        if cfg.attention == "full":
+            self.attn = FullAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                      rope_theta=cfg.rope_theta)
+        else:
+            self.attn = NativeSparseAttention(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cmp_block=cfg.cmp_block,
             cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block, top_n=cfg.top_n, init_blocks=cfg.init_blocks,
             local_blocks=cfg.local_blocks, window=cfg.window, compression=cfg.compression,
@@ -77,7 +164,8 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Decoder-only LM with NSA attention. See the module docstring."""
+    """Decoder-only LM with NSA attention (or full attention: ``attention="full"``). See the module
+    docstring."""
 
     def __init__(self, cfg: Optional[TinyLMConfig] = None, **overrides):
         super().__init__()
@@ -114,6 +202,9 @@ class TinyLM(nn.Module):
 
     def make_cache(self, batch_size: int, max_seqlen: int, *, device=None, dtype=None) -> NSACache:
         """An empty :class:`~nsa_cuda.cache.NSACache` for this model (one layer per block)."""
+        if self.cfg.attention != "nsa":
+            raise ValueError(f"make_cache: a TinyLM with attention={self.cfg.attention!r} has no KV cache; "
+                             "generate with use_cache=False")
         return NSACache.for_layers([b.attn for b in self.blocks], batch_size, max_seqlen, device=device, dtype=dtype)
 
     @torch.no_grad()
