@@ -41,7 +41,7 @@ test: build cmake
 
 bench: build
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(PY) bench/bench_compress.py; \
+	  for b in bench/bench_*.py; do $(PY) $$b || exit 1; done; \
 	else \
 	  $(PY) bench/cpu_demo.py; \
 	fi
