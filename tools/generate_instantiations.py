@@ -23,6 +23,9 @@ HEADDIM_FAMILIES = [
     ("sparse_attn_bwd", "sparse_attn_bwd_launch.cuh",
      "template Status run_sparse_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, const int*, const int*, index_t,"
      " cudaStream_t);"),
+    ("cmp_attn_fwd", "cmp_attn_launch.cuh",
+     "template Status run_cmp_attn_fwd<{T}, {D}, {DV}>(const AttnParams&, cudaStream_t);\n"
+     "template Status run_select_blocks<{T}, {D}>(const SelectParams&, cudaStream_t);"),
 ]
 
 # Families instantiated per dtype only: (file stem, launch header, instantiation with {T})

@@ -1,4 +1,6 @@
 """Small cases of every CUDA kernel, run under compute-sanitizer by tools/gpu_check.sh --sanitize."""
+import os
+
 import torch
 
 import nsa_cuda
@@ -31,6 +33,18 @@ def main() -> None:
             qp = torch.randn(2, 45, 2 * G, 128, device="cuda", dtype=dtype)
             kp = torch.randn(2, 45, 2, 128, device="cuda", dtype=dtype)
             nsa_cuda.window_attention(qp, kp, kp, window=8)
+    # compressed attention + selection (EXPERIMENTAL kernels, enabled for this run)
+    os.environ["NSA_CUDA_EXPERIMENTAL"] = "1"
+    for G in (1, 4, 16):
+        q = torch.randn(sum(lens), 2 * G, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(sum(lens), 2, 64, device="cuda", dtype=torch.bfloat16)
+        kc = nsa_cuda.compress(k, cu_seqlens=cu)
+        o, lse = nsa_cuda.compressed_attention(q, kc, kc, cu_seqlens=cu)
+        nsa_cuda.select_blocks(q, kc, lse, top_n=3, cu_seqlens=cu)
+        qp = torch.randn(2, 45, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
+        kp = nsa_cuda.compress(torch.randn(2, 45, 2, 128, device="cuda", dtype=torch.bfloat16))
+        o, lse = nsa_cuda.compressed_attention(qp, kp, kp)
+        nsa_cuda.select_blocks(qp, kp, lse, top_n=2)
     torch.cuda.synchronize()
     print("sanitize cases done")
 

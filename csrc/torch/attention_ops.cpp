@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -25,6 +26,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../kernels/cmp_attn.h"
 #include "../kernels/sparse_attn.h"
 #endif
 
@@ -680,12 +682,37 @@ constexpr const char* kFeatCmp = "compressed attention (issue: compressed attent
 constexpr const char* kFeatSelect = "block selection (issue: compressed attention and block selection)";
 constexpr const char* kFeatDecode = "decoding (issue: inference KV cache and decode kernel)";
 
-std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q, const Tensor& k_cmp, const Tensor& v_cmp, double scale,
+// The compressed-attention and selection kernels are written but have not run on a GPU yet:
+// they are used only with NSA_CUDA_EXPERIMENTAL=1 until tools/gpu_check.sh passes their tests.
+bool experimental_kernels() {
+  const char* e = std::getenv("NSA_CUDA_EXPERIMENTAL");
+  return e != nullptr && e[0] == '1';
+}
+
+void check_kernel_status(const nsa::Status& st, const char* op) {
+  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
+  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
+  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+}
+
+std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                              int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q, k_cmp, v_cmp, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
+  prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q_in, k_in, v_in, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
                nullptr, cu_seqlens, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kCmpFwd, kFeatCmp);
-  return {};
+  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kCmpFwd, kFeatCmp);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  AttnArgs a = prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q, k, v, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
+                            nullptr, cu_seqlens, false);
+  Tensor o = at::empty(a.o_shape, q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty(a.lse_shape, q.options().dtype(at::kFloat));
+  auto& p = a.params;
+  p.o = o.data_ptr();
+  p.o_stride = strides3(o);
+  p.lse = lse.data_ptr<float>();
+  check_kernel_status(
+      nsa::cmp_attn_fwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kCmpFwd);
+  return {o, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,
@@ -698,12 +725,24 @@ std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout, const c
   return {};
 }
 
-Tensor select_blocks_cuda(const Tensor& q, const Tensor& k_cmp, const Tensor& lse, double scale, int64_t cmp_block,
+Tensor select_blocks_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& lse, double scale, int64_t cmp_block,
                           int64_t cmp_stride, int64_t sel_block, int64_t top_n, int64_t init_blocks,
                           int64_t local_blocks, const c10::optional<Tensor>& cu_seqlens) {
-  prepare_select(q, k_cmp, lse, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks, cu_seqlens);
-  NSA_CUDA_NOT_IMPLEMENTED(kSelect, kFeatSelect);
-  return {};
+  prepare_select(q_in, k_in, lse, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
+                 cu_seqlens);
+  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kSelect, kFeatSelect);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = aligned16(q_in), k = aligned16(k_in), lse_c = lse.contiguous();
+  auto a = prepare_select(q, k, lse_c, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
+                          cu_seqlens);
+  auto& p = a.params;
+  p.lse = lse_c.data_ptr<float>();
+  Tensor out = at::empty(a.out_shape, q.options().dtype(at::kInt));
+  p.block_idx = out.data_ptr<int>();
+  p.block_idx_stride = strides3(out);
+  check_kernel_status(
+      nsa::select_blocks_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kSelect);
+  return out;
 }
 
 // Selected / window forward on the GPU (grouped sparse attention kernel).
