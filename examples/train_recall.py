@@ -239,6 +239,11 @@ def train_one(attention: str, a, task: RecallTask, eval_set, log=print) -> RunRe
     log(f"\n== {attention}: {res.params / 1e6:.2f} M parameters, {a.steps} steps of {a.batch} x {task.seq_len} "
         f"tokens on {device} ==")
     log(f"{'step':>7} {'lr':>9} {'train loss':>11} {'eval loss':>10} {'eval acc':>9} {'time s':>8}")
+    t0 = time.perf_counter()
+    eval_loss, acc = evaluate(model, eval_set, task, device)  # step 0: the untrained model
+    res.history.append(dict(step=0, lr=sched.get_last_lr()[0], train_loss=None, eval_loss=eval_loss, eval_acc=acc,
+                            elapsed_s=0.0))
+    log(f"{0:>7} {res.history[0]['lr']:>9.2e} {'-':>11} {eval_loss:>10.4f} {acc:>9.3f} {0.0:>8.1f}")
     model.train()
     t0 = time.perf_counter()
     eval_s = 0.0
@@ -314,6 +319,10 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
+def fmt(x: Optional[float], spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def curve_table(results: Dict[str, RunResult]) -> List[List[str]]:
     """Rows ``step | <att> train loss | <att> eval loss | <att> acc | ...`` for the runs that trained."""
     done = [r for r in results.values() if r.history]
@@ -325,7 +334,7 @@ def curve_table(results: Dict[str, RunResult]) -> List[List[str]]:
         for r in done:
             h = next((h for h in r.history if h["step"] == s), None)
             row += (["-"] * 3 if h is None else
-                    [f"{h['train_loss']:.4f}", f"{h['eval_loss']:.4f}", f"{h['eval_acc']:.3f}"])
+                    [fmt(h["train_loss"]), f"{h['eval_loss']:.4f}", f"{h['eval_acc']:.3f}"])
         rows.append(row)
     return rows
 
@@ -370,7 +379,7 @@ def write_outputs(results: Dict[str, RunResult], a, task: RecallTask, argv: List
         wr.writerow(["attention", "step", "lr", "train_loss", "eval_loss", "eval_acc", "elapsed_s"])
         for r in results.values():
             for h in r.history:
-                wr.writerow([r.attention, h["step"], f"{h['lr']:.6g}", f"{h['train_loss']:.6f}",
+                wr.writerow([r.attention, h["step"], f"{h['lr']:.6g}", "" if h["train_loss"] is None else f"{h['train_loss']:.6f}",
                              f"{h['eval_loss']:.6f}", f"{h['eval_acc']:.6f}", f"{h['elapsed_s']:.3f}"])
     files["csv"] = csv_path
 
@@ -412,7 +421,8 @@ def write_outputs(results: Dict[str, RunResult], a, task: RecallTask, argv: List
             if not r.history:
                 continue
             s = [h["step"] for h in r.history]
-            ax1.plot(s, [h["train_loss"] for h in r.history], label=f"{r.attention} train")
+            tr = [h for h in r.history if h["train_loss"] is not None]
+            ax1.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label=f"{r.attention} train")
             ax1.plot(s, [h["eval_loss"] for h in r.history], "--", label=f"{r.attention} held-out")
             ax2.plot(s, [h["eval_acc"] for h in r.history], label=r.attention)
         ax1.set(xlabel="step", ylabel="cross-entropy (query values)", yscale="log", title="loss")

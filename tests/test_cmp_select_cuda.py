@@ -29,18 +29,22 @@ def cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu):
 def check_cmp(shape, H, G, Dk, Dv, dtype, l=32, d=16, cu=None):
     q, kc, vc = cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu)
     poison_cuda_cache(((*q.shape[:-1], Dv), dtype), (tuple(q.shape[:-1]), torch.float32))
-    o, lse = nsa_cuda.compressed_attention(q, kc, vc, block=l, stride=d, cu_seqlens=cu)
-    o_ref, lse_ref = R.compressed_attention(q.float(), kc.float(), vc.float(), block=l, stride=d, cu_seqlens=cu)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, kc, vc)]
+    leaves_ref = [t.detach().float().requires_grad_(True) for t in (q, kc, vc)]
+    leaves_pt = [t.detach().clone().requires_grad_(True) for t in (q, kc, vc)]
+    o, lse = nsa_cuda.compressed_attention(*leaves, block=l, stride=d, cu_seqlens=cu)
+    o_ref, lse_ref = R.compressed_attention(*leaves_ref, block=l, stride=d, cu_seqlens=cu)
     assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "unwritten (poisoned) output"
     o_pts, lse_pts = [], []
     c = None if cu is None else cu.tolist()
-    for i, qs in enumerate(sequences(q, cu)):
+    qp, kp, vp = leaves_pt
+    for i, qs in enumerate(sequences(qp, cu)):
         T = qs.shape[0]
         nc = R.num_compressed(T, l, d)
         if cu is None:
-            ks, vs = kc[i], vc[i]
+            ks, vs = kp[i], vp[i]
         else:
-            ks, vs = kc[c[i] // d: c[i] // d + nc], vc[c[i] // d: c[i] // d + nc]
+            ks, vs = kp[c[i] // d: c[i] // d + nc], vp[c[i] // d: c[i] // d + nc]
         t = torch.arange(T, device="cuda")
         ii = torch.arange(nc, device="cuda")
         allowed = (ii[None, :] * d + l - 1 <= t[:, None])[:, None, :].expand(T, H * G, nc)
@@ -55,6 +59,25 @@ def check_cmp(shape, H, G, Dk, Dv, dtype, l=32, d=16, cu=None):
     assert_fa_close(lse[finite], lse_ref[finite], lse_pt[finite], "lse[cmp]", atol=1e-4)
     o2, lse2 = nsa_cuda.compressed_attention(q, kc, vc, block=l, stride=d, cu_seqlens=cu)
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    # backward, with an lse gradient too
+    do = torch.randn_like(o)
+    dlse = torch.randn_like(lse).masked_fill(~finite, 0)
+
+    def grads(o_, lse_, leaves_):
+        loss = (o_.float() * do.float()).sum() + (lse_.float().masked_fill(~finite, 0) * dlse).sum()
+        return torch.autograd.grad(loss, leaves_, allow_unused=True)
+
+    g = grads(o, lse, leaves)
+    g_ref = grads(o_ref, lse_ref, leaves_ref)
+    g_pt = grads(o_pt, lse_pt, leaves_pt)
+    for name, a, r, b, leaf in zip(("dq", "dk_cmp", "dv_cmp"), g, g_ref, g_pt, leaves):
+        r = torch.zeros_like(leaf, dtype=torch.float32) if r is None else r
+        b = torch.zeros_like(leaf) if b is None else b
+        assert not torch.isnan(a).any(), f"{name}: unwritten elements"
+        assert_fa_close(a, r, b, f"{name}[cmp]")
+    o3, lse3 = nsa_cuda.compressed_attention(*leaves, block=l, stride=d, cu_seqlens=cu)
+    for a, b in zip(g, grads(o3, lse3, leaves)):
+        assert torch.equal(a, b), "backward is not bitwise reproducible"
 
 
 def test_off_by_default():
@@ -133,3 +156,24 @@ def test_nsa_forward_end_to_end_on_cuda(experimental):
     assert differ <= 1e-2, f"{differ:.2%} of selection rows differ"
     err = (o.float() - o_ref).abs()
     assert err.max() < 0.1 and err.mean() < 5e-3, f"max {err.max():.3e} mean {err.mean():.3e}"
+
+
+def test_nsa_training_step_on_cuda(experimental):
+    # Forward + backward of the whole NSA (every kernel on the GPU) against the reference.
+    torch.manual_seed(1)
+    B, T, HQ, H, D = 1, 500, 8, 2, 64
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = mk(B, T, HQ, D), mk(B, T, H, D), mk(B, T, H, D)
+    gates = [torch.rand(B, T, HQ, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    w_k = (mk(H, 32 * D, D) / 45).requires_grad_(True)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gates)] + [w_k]
+    kw = dict(cmp_block=32, cmp_stride=16, sel_block=64, top_n=4, window=64)
+    o = nsa_cuda.nsa_attention(q, k, v, *gates, w_k=w_k, **kw)
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+    o_ref = R.nsa_attention(*ref_leaves[:6], w_k=ref_leaves[6], **kw)
+    do = torch.randn_like(o_ref)
+    g = torch.autograd.grad(o.float(), leaves, do)
+    g_ref = torch.autograd.grad(o_ref, ref_leaves, do)
+    for name, a, r in zip(("q", "k", "v", "g_cmp", "g_slc", "g_win", "w_k"), g, g_ref):
+        rel = (a.float() - r).norm() / r.norm().clamp_min(1e-6)
+        assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"

@@ -26,6 +26,8 @@ HEADDIM_FAMILIES = [
     ("cmp_attn_fwd", "cmp_attn_launch.cuh",
      "template Status run_cmp_attn_fwd<{T}, {D}, {DV}>(const AttnParams&, cudaStream_t);\n"
      "template Status run_select_blocks<{T}, {D}>(const SelectParams&, cudaStream_t);"),
+    ("cmp_attn_bwd", "cmp_attn_launch.cuh",
+     "template Status run_cmp_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, cudaStream_t);"),
 ]
 
 # Families instantiated per dtype only: (file stem, launch header, instantiation with {T})

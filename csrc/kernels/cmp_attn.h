@@ -19,11 +19,17 @@ namespace nsa {
 
 // o, lse of the compressed branch (p.mode == kCompressed). Head dims as the sparse kernels.
 Status cmp_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t stream);
+// dq, dk_cmp, dv_cmp from dout, lse and delta = rowsum(dout * out) - dlse (AttnBwdParams::delta);
+// deterministic (no atomics). dk / dv gap rows of a packed batch are left untouched (the caller
+// zero-fills them).
+Status cmp_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
 // block_idx [.., H, top_n] int32, ascending, -1 padded.
 Status select_blocks_cuda(const SelectParams& p, DType dtype, cudaStream_t stream);
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_cmp_attn_fwd(const AttnParams& p, cudaStream_t stream);
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream);
 template <typename T, int kHeadDim>
 Status run_select_blocks(const SelectParams& p, cudaStream_t stream);
 

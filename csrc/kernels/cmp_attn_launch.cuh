@@ -2,6 +2,7 @@
 // included by the generated instantiation files only. EXPERIMENTAL (see cmp_attn.h).
 #pragma once
 
+#include "cmp_attn_bwd_kernel.cuh"
 #include "select_kernel.cuh"
 
 namespace nsa {
@@ -23,6 +24,38 @@ Status run_cmp_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   kernel<<<dim3(static_cast<unsigned>((items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks), Cfg::kThreads,
            Cfg::kSmemBytes, stream>>>(p);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
+  using Cfg = sparse_detail::BwdConfig<kHeadDim, kHeadDimV>;
+  constexpr int kRows = sparse_detail::kRows;
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
+  const int G = p.heads_q / p.heads_kv;
+  const int tokens = G >= kRows ? 1 : kRows / G;
+  const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
+  const index_t dq_items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
+                                        : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+  if (dq_items == 0) return Status{};
+  if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks"};
+  const index_t kv_rows = p.cu_seqlens ? p.total_rows / p.cmp_stride
+                                       : static_cast<index_t>(p.batch) *
+                                             ((num_compressed(p.seqlen, p.cmp_block, p.cmp_stride) + kRows - 1) / kRows) * kRows;
+  auto dq_kernel = sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>;
+  cudaError_t e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDqSmemBytes);
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  dq_kernel<<<dim3(static_cast<unsigned>((dq_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks),
+              Cfg::kThreads, Cfg::kDqSmemBytes, stream>>>(p);
+  const index_t kv_items = (kv_rows + kRows - 1) / kRows;
+  if (kv_items > 0) {
+    auto kv_kernel = sparse_detail::cmp_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
+    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDkvSmemBytes);
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    kv_kernel<<<dim3(static_cast<unsigned>((kv_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv), Cfg::kThreads,
+                Cfg::kDkvSmemBytes, stream>>>(p);
+  }
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }

@@ -715,14 +715,42 @@ std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k
   return {o, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,
-                                                     const Tensor& q, const Tensor& k_cmp, const Tensor& v_cmp,
-                                                     const Tensor& out, const Tensor& lse, double scale, int64_t block,
+std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout_in, const c10::optional<Tensor>& dlse,
+                                                     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                     const Tensor& out_in, const Tensor& lse, double scale, int64_t block,
                                                      int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
-  prepare_attn_bwd(kCmpBwd, nsa::AttnMode::kCompressed, last_dim_contiguous(dout), dlse, q, k_cmp, v_cmp, out, lse,
-                   "k_cmp", "v_cmp", scale, block, stride, 0, 0, nullptr, cu_seqlens, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kCmpBwd, kFeatCmp);
-  return {};
+  const Tensor dout_c = last_dim_contiguous(dout_in);
+  prepare_attn_bwd(kCmpBwd, nsa::AttnMode::kCompressed, dout_c, dlse, q_in, k_in, v_in, out_in, lse, "k_cmp", "v_cmp",
+                   scale, block, stride, 0, 0, nullptr, cu_seqlens, false);
+  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kCmpBwd, kFeatCmp);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
+  AttnArgs a = prepare_attn(kCmpBwd, nsa::AttnMode::kCompressed, q, k, v, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
+                            nullptr, cu_seqlens, false);
+  const Tensor lse_c = lse.contiguous();
+  Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
+  if (dlse.has_value()) delta = delta.sub(*dlse);
+  delta = delta.contiguous();
+  const auto c = at::MemoryFormat::Contiguous;
+  Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
+  Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));  // gap rows stay zero
+  Tensor dv = at::zeros(v.sizes(), v.options().memory_format(c));
+  nsa::AttnBwdParams p;
+  static_cast<nsa::AttnParams&>(p) = a.params;
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides3(dout);
+  p.dq = dq.data_ptr();
+  p.dq_stride = strides3(dq);
+  p.dk = dk.data_ptr();
+  p.dk_stride = strides3(dk);
+  p.dv = dv.data_ptr();
+  p.dv_stride = strides3(dv);
+  check_kernel_status(
+      nsa::cmp_attn_bwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kCmpBwd);
+  return {dq, dk, dv};
 }
 
 Tensor select_blocks_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& lse, double scale, int64_t cmp_block,
