@@ -689,12 +689,6 @@ bool experimental_kernels() {
   return e != nullptr && e[0] == '1';
 }
 
-void check_kernel_status(const nsa::Status& st, const char* op) {
-  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
-  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
-  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
-}
-
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                              int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
   prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q_in, k_in, v_in, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
@@ -793,9 +787,7 @@ std::tuple<Tensor, Tensor> sparse_fwd_cuda(const char* op, nsa::AttnMode mode, c
   p.lse = lse.data_ptr<float>();
   const nsa::Status st =
       nsa::sparse_attn_fwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
-  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
-  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
-  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+  check_kernel_status(st, op);
   return {o, lse};
 }
 
@@ -845,9 +837,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
   p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
   const nsa::Status st =
       nsa::sparse_attn_bwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
-  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
-  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
-  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+  check_kernel_status(st, op);
   return {dq, dk, dv};
 }
 

@@ -117,6 +117,14 @@ inline Tensor to_compute(const Tensor& t, at::ScalarType ct) {
   return r.dim() == 0 || r.numel() == 0 || r.stride(-1) == 1 ? r : r.contiguous();
 }
 
+// A launcher's Status as a Python exception: not compiled in this build -> NotImplementedError,
+// bad argument -> ValueError, CUDA error -> RuntimeError.
+inline void check_kernel_status(const nsa::Status& st, const char* op) {
+  if (st.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", st.message);
+  TORCH_CHECK_VALUE(st.code != 2, op, ": ", st.message);
+  TORCH_CHECK(st.ok(), op, ": CUDA error: ", st.message);
+}
+
 // Raised by CUDA implementations whose kernels have not landed yet.
 #define NSA_CUDA_NOT_IMPLEMENTED(OP, FEATURE)                                                     \
   TORCH_CHECK_NOT_IMPLEMENTED(false, OP, ": the CUDA kernel for ", FEATURE,                      \

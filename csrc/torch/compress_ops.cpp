@@ -83,13 +83,6 @@ CompressArgs prepare(const Tensor& x, const c10::optional<Tensor>& w, const c10:
   return a;
 }
 
-#ifdef NSA_WITH_CUDA
-void check_status(const nsa::Status& s, const char* op) {
-  if (s.code == 1) TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", s.message);
-  TORCH_CHECK(s.ok(), op, ": CUDA error: ", s.message);
-}
-
-#endif
 
 Tensor compress_fwd_cpu(const Tensor& x, const c10::optional<Tensor>& w, const c10::optional<Tensor>& pe, int64_t block,
                         int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
@@ -146,7 +139,7 @@ Tensor compress_fwd_cuda(const Tensor& x_in, const c10::optional<Tensor>& w, con
   auto a = prepare(x, w, pe, block, stride, cu_seqlens, kFwd);
   Tensor y = at::empty(a.out_shape, x.options());
   a.params.y = y.data_ptr();
-  check_status(nsa::compress_fwd_cuda(a.params, nsa_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kFwd);
+  check_kernel_status(nsa::compress_fwd_cuda(a.params, nsa_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kFwd);
   return y;
 }
 
@@ -175,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> compress_bwd_cuda(const Tensor& dy_in, const 
   p.dw = w ? dw.data_ptr() : nullptr;
   p.dpe = pe ? dpe.data_ptr() : nullptr;
   p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
-  check_status(nsa::compress_bwd_cuda(p, nsa_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), op);
+  check_kernel_status(nsa::compress_bwd_cuda(p, nsa_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), op);
   return {dx, dw, dpe};
 }
 #endif
