@@ -21,3 +21,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A partial build (NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS, used while iterating on the GPU)
+    raises NotImplementedError for what it left out: report those tests as skipped, not failed.
+    The default build compiles everything, so this never hides a failure there."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(NotImplementedError) \
+            and "not compiled in this build" in str(call.excinfo.value):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {call.excinfo.value}")

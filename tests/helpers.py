@@ -31,6 +31,8 @@ def poison_cuda_cache(*shapes_dtypes, value: float = math.nan) -> None:
     """Fill blocks of the caching allocator with NaN and free them, so the next allocations of
     these sizes (the op's outputs) start out poisoned: any element a kernel forgets to write
     then shows up as NaN."""
-    held = [torch.full(shape, value, dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
+    def fill(dtype):  # integer outputs (block indices) are poisoned with a value no kernel writes
+        return value if dtype.is_floating_point else torch.iinfo(dtype).min + 7
+    held = [torch.full(shape, fill(dtype), dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
     torch.cuda.synchronize()
     del held

@@ -1,6 +1,5 @@
 """Compressed attention forward (§1.2) and block selection (§1.3-1.4) on the GPU against
-nsa_cuda.reference. These kernels are EXPERIMENTAL (written without GPU access): the ops use
-them only with NSA_CUDA_EXPERIMENTAL=1, which these tests set."""
+nsa_cuda.reference."""
 import pytest
 import torch
 
@@ -10,11 +9,6 @@ from helpers import assert_fa_close, poison_cuda_cache, requires_cuda
 from test_sparse_attn_cuda import HEAD_DIMS, attention_lowp, cu_of, sequences
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
-
-
-@pytest.fixture
-def experimental(monkeypatch):
-    monkeypatch.setenv("NSA_CUDA_EXPERIMENTAL", "1")
 
 
 def cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu):
@@ -80,26 +74,20 @@ def check_cmp(shape, H, G, Dk, Dv, dtype, l=32, d=16, cu=None):
         assert torch.equal(a, b), "backward is not bitwise reproducible"
 
 
-def test_off_by_default():
-    q, kc, vc = cmp_inputs((1, 64), 1, 4, 64, 64, torch.bfloat16, 32, 16, None)
-    with pytest.raises(NotImplementedError, match="compressed attention"):
-        nsa_cuda.compressed_attention(q, kc, vc)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Dk,Dv", HEAD_DIMS)
-def test_cmp_head_dims(experimental, Dk, Dv, dtype):
+def test_cmp_head_dims(Dk, Dv, dtype):
     check_cmp((2, 300), 2, 4, Dk, Dv, dtype)
 
 
 @pytest.mark.parametrize("G", [1, 2, 4, 16, 32])
 @pytest.mark.parametrize("T", [1, 31, 32, 33, 200, 1000])
-def test_cmp_shapes(experimental, G, T):
+def test_cmp_shapes(G, T):
     check_cmp((2, T), 2, G, 64, 64, torch.bfloat16)
 
 
 @pytest.mark.parametrize("l,d", [(32, 16), (16, 8), (64, 16), (32, 32)])
-def test_cmp_varlen(experimental, l, d):
+def test_cmp_varlen(l, d):
     check_cmp((int(cu_of([1, 37, 300, 0, 5, 129])[-1]),), 2, 4, 128, 128, torch.bfloat16, l, d,
               cu_of([1, 37, 300, 0, 5, 129]))
 
@@ -125,22 +113,22 @@ def check_select(shape, H, G, D, dtype, cu=None, l=32, d=16, lp=64, n=16, init=1
 
 
 @pytest.mark.parametrize("G", [1, 2, 4, 16])
-def test_select_padded(experimental, G):
+def test_select_padded(G):
     check_select((2, 700), 2, G, 128, torch.bfloat16)
 
 
 @pytest.mark.parametrize("T", [1, 31, 32, 64, 65, 333])
-def test_select_short(experimental, T):
+def test_select_short(T):
     check_select((2, T), 1, 4, 64, torch.bfloat16, n=3)
 
 
-def test_select_varlen_and_hparams(experimental):
+def test_select_varlen_and_hparams():
     cu = cu_of([1, 37, 500, 0, 5, 260])
     check_select((int(cu[-1]),), 2, 4, 64, torch.bfloat16, cu=cu, l=16, d=8, lp=32, n=5, init=0, local=3)
     check_select((2, 400), 2, 4, 64, torch.float16, l=64, d=16, lp=64, n=4, init=2, local=1)
 
 
-def test_nsa_forward_end_to_end_on_cuda(experimental):
+def test_nsa_forward_end_to_end_on_cuda():
     # With every forward kernel present, nsa_attention runs on the GPU; compare with the reference.
     torch.manual_seed(0)
     B, T, HQ, H, D = 1, 600, 16, 2, 64
@@ -158,7 +146,7 @@ def test_nsa_forward_end_to_end_on_cuda(experimental):
     assert err.max() < 0.1 and err.mean() < 5e-3, f"max {err.max():.3e} mean {err.mean():.3e}"
 
 
-def test_nsa_training_step_on_cuda(experimental):
+def test_nsa_training_step_on_cuda():
     # Forward + backward of the whole NSA (every kernel on the GPU) against the reference.
     torch.manual_seed(1)
     B, T, HQ, H, D = 1, 500, 8, 2, 64

@@ -24,10 +24,11 @@ HEADDIM_FAMILIES = [
      "template Status run_sparse_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, const int*, const int*, index_t,"
      " cudaStream_t);"),
     ("cmp_attn_fwd", "cmp_attn_launch.cuh",
-     "template Status run_cmp_attn_fwd<{T}, {D}, {DV}>(const AttnParams&, cudaStream_t);\n"
-     "template Status run_select_blocks<{T}, {D}>(const SelectParams&, cudaStream_t);"),
+     "template Status run_cmp_attn_fwd<{T}, {D}, {DV}>(const AttnParams&, cudaStream_t);"),
     ("cmp_attn_bwd", "cmp_attn_launch.cuh",
      "template Status run_cmp_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, cudaStream_t);"),
+    ("select_blocks", "select_launch.cuh",
+     "template Status run_select_blocks<{T}, {D}>(const SelectParams&, cudaStream_t);"),
 ]
 
 # Families instantiated per dtype only: (file stem, launch header, instantiation with {T})

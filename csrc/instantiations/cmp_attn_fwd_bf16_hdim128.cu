@@ -3,5 +3,4 @@
 
 namespace nsa {
 template Status run_cmp_attn_fwd<__nv_bfloat16, 128, 128>(const AttnParams&, cudaStream_t);
-template Status run_select_blocks<__nv_bfloat16, 128>(const SelectParams&, cudaStream_t);
 }  // namespace nsa

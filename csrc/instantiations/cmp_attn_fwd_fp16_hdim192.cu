@@ -3,5 +3,4 @@
 
 namespace nsa {
 template Status run_cmp_attn_fwd<__half, 192, 128>(const AttnParams&, cudaStream_t);
-template Status run_select_blocks<__half, 192>(const SelectParams&, cudaStream_t);
 }  // namespace nsa

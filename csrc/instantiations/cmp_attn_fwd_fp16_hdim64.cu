@@ -3,5 +3,4 @@
 
 namespace nsa {
 template Status run_cmp_attn_fwd<__half, 64, 64>(const AttnParams&, cudaStream_t);
-template Status run_select_blocks<__half, 64>(const SelectParams&, cudaStream_t);
 }  // namespace nsa

@@ -1,6 +1,5 @@
 // Compressed attention (DESIGN.md §1.2) and block scoring + top-n selection (§1.3-1.4) on the
-// GPU, torch-free. EXPERIMENTAL: written without GPU access; the torch layer only routes to
-// these kernels when NSA_CUDA_EXPERIMENTAL=1 until tools/gpu_check.sh has passed their tests.
+// GPU, torch-free.
 //
 // Compressed attention: query t attends compressed tokens i < nvis(t), nvis(t) = 0 if t+1 < l
 // else min(Nc, (t - l + 1) // d + 1); same warp layout as the sparse kernels (16 query rows

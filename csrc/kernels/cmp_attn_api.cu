@@ -1,5 +1,5 @@
 // Host dispatch of the compressed attention and the selection: runtime (dtype, Dk) ->
-// instantiation. EXPERIMENTAL (see cmp_attn.h).
+// instantiation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

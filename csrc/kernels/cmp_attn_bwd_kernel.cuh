@@ -1,4 +1,4 @@
-// Kernel bodies of the compressed-attention backward (EXPERIMENTAL, see cmp_attn.h). Same math
+// Kernel bodies of the compressed-attention backward (see cmp_attn.h). Same math
 // and warp layouts as the sparse backward (sparse_attn_bwd_kernel.cuh); the key set of query t
 // is the compressed tokens [0, nvis(t)), and the query set of compressed token i is the
 // positions t >= i*d + l - 1 of its sequence. No atomics: dK/dV accumulate in one warp each.

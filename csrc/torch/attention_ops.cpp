@@ -678,22 +678,12 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 // CUDA: same validation, then "not implemented yet" until the kernels land.
 
 #ifdef NSA_WITH_CUDA
-constexpr const char* kFeatCmp = "compressed attention (issue: compressed attention and block selection)";
-constexpr const char* kFeatSelect = "block selection (issue: compressed attention and block selection)";
 constexpr const char* kFeatDecode = "decoding (issue: inference KV cache and decode kernel)";
-
-// The compressed-attention and selection kernels are written but have not run on a GPU yet:
-// they are used only with NSA_CUDA_EXPERIMENTAL=1 until tools/gpu_check.sh passes their tests.
-bool experimental_kernels() {
-  const char* e = std::getenv("NSA_CUDA_EXPERIMENTAL");
-  return e != nullptr && e[0] == '1';
-}
 
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                              int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
   prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q_in, k_in, v_in, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
                nullptr, cu_seqlens, false);
-  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kCmpFwd, kFeatCmp);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   AttnArgs a = prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q, k, v, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
@@ -716,7 +706,6 @@ std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout_in, cons
   const Tensor dout_c = last_dim_contiguous(dout_in);
   prepare_attn_bwd(kCmpBwd, nsa::AttnMode::kCompressed, dout_c, dlse, q_in, k_in, v_in, out_in, lse, "k_cmp", "v_cmp",
                    scale, block, stride, 0, 0, nullptr, cu_seqlens, false);
-  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kCmpBwd, kFeatCmp);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
@@ -752,7 +741,6 @@ Tensor select_blocks_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& 
                           int64_t local_blocks, const c10::optional<Tensor>& cu_seqlens) {
   prepare_select(q_in, k_in, lse, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
                  cu_seqlens);
-  if (!experimental_kernels()) NSA_CUDA_NOT_IMPLEMENTED(kSelect, kFeatSelect);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned16(q_in), k = aligned16(k_in), lse_c = lse.contiguous();
   auto a = prepare_select(q, k, lse_c, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks, local_blocks,
