@@ -1,12 +1,17 @@
 // Kernel body of block scoring + top-n selection (DESIGN.md §1.3-1.4; see cmp_attn.h).
 //
-// One warp per (token t, KV head g). Lane i of a 32-key tile recomputes
-// P[i] = sum_h exp(scale * q_h . k_c[i] - lse_h) over the G heads of g (CUDA cores in this
-// first version). Lane 0 then adds c(i, j) * P[i] to the few selection blocks j the compressed
-// token overlaps (ascending i, so each block's sum has a fixed order), finalises every block
-// whose compressed tokens are all done, applies the forced init / local blocks (+inf) and keeps
-// a running top-n list sorted by (score desc, block asc): ties go to the lower block because
-// blocks arrive in ascending order and an equal score never displaces an earlier one.
+// A warp owns the 16 query rows of the attention kernels' layout (the G heads of 16/G
+// consecutive tokens, or 16 heads of one token per chunk when G > 16) and walks the compressed
+// keys in 32-key tiles:
+//   1. S = Q K_c^T on the tensor cores (mma.sync), P = exp(scale S - lse) per row, masked to the
+//      keys the row's token may see;
+//   2. P summed over the heads of each token (shared memory, fixed head order);
+//   3. each (token, selection block) the tile touches gets sum_i c(i, j) P[i] over the tile's
+//      keys, ascending i, added to a per-token ring of open block sums;
+//   4. blocks whose overlapping keys are all done are finalised in ascending order by the
+//      token's lane into a running top-n list sorted by (score desc, block asc): an equal score
+//      never displaces an earlier (lower) block, so ties go to the lower index.
+// Scratch is O(n) per token in shared memory; nothing of size [T, Nc] or [T, blocks] exists.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,25 +23,51 @@
 namespace nsa {
 namespace sparse_detail {
 
-constexpr int kSelectWarps = 4;
-constexpr int kOpenBlocks = 256;  // blocks a 32-key tile can touch: (32*d + l)/l' + 2 <= 34 + l/d
+constexpr int kSelectTileKeys = 32;  // compressed keys per step (one gemm_16x32_nt)
+constexpr int kSelectRing = 128;     // open block sums per token (power of two)
+constexpr int kSelectMaxWarps = 4;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-// Shared memory of one warp: q rows [G][kHeadDim] (T), lse [G], P [32], open block sums
-// [kOpenBlocks], top list (score, block) [top_n].
-template <int kHeadDim>
-__host__ __device__ inline size_t select_warp_bytes(int G, int top_n) {
-  size_t b = static_cast<size_t>(G) * kHeadDim * 2;
-  b = (b + 15) / 16 * 16;
-  b += (static_cast<size_t>(G) + 32 + kOpenBlocks + 2 * top_n) * 4;
-  return (b + 15) / 16 * 16;  // the next warp's q rows take 16-byte stores
+// Selection blocks a token may have open at once: those touched by one key tile plus the
+// carry from the previous tile. The launcher refuses (l, d, l') beyond the ring.
+__host__ __device__ inline int select_open_blocks(int l, int d, int lp) {
+  return ((kSelectTileKeys - 1) * d + l - 1) / lp + 2;
 }
+
+struct SelectShape {
+  int tokens;  // tokens per warp: 16/G, or 1 when G >= 16
+  int chunks;  // 16-head chunks per token (G > 16), else 1
+  int heads;   // heads per token in one chunk
+};
+
+__host__ __device__ inline SelectShape select_shape(int G) {
+  SelectShape s;
+  s.tokens = G >= kRows ? 1 : kRows / G;
+  s.chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
+  s.heads = G >= kRows ? kRows : G;
+  return s;
+}
+
+// Per-warp shared memory: q rows [chunks*16][kLd] (T), key tile [32][kLd] (T), P rows
+// [16][33] (f32), P per token [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores
+// [tokens][n] (f32), top blocks [tokens][n] (int).
+template <int kHeadDim>
+struct SelectLayout {
+  static constexpr int kLd = kHeadDim + 8;  // +16 bytes per row: conflict-free fragment reads
+  static constexpr int kLdS = kSelectTileKeys + 1;
+  int q_elems, k_elems;
+  size_t s_off, p_off, ring_off, sc_off, id_off, bytes;
+  __host__ __device__ SelectLayout(int G, int n) {
+    const SelectShape sh = select_shape(G);
+    q_elems = sh.chunks * kRows * kLd;
+    k_elems = kSelectTileKeys * kLd;
+    s_off = static_cast<size_t>(q_elems + k_elems) * 2;
+    p_off = s_off + kRows * kLdS * 4;
+    ring_off = p_off + static_cast<size_t>(sh.tokens) * kSelectTileKeys * 4;
+    sc_off = ring_off + static_cast<size_t>(sh.tokens) * kSelectRing * 4;
+    id_off = sc_off + static_cast<size_t>(sh.tokens) * n * 4;
+    bytes = (id_off + static_cast<size_t>(sh.tokens) * n * 4 + 15) / 16 * 16;
+  }
+};
 
 // Inserts (s, j) into the list sorted by (score desc, block asc); j is larger than every block
 // already there, so equal scores keep the earlier (lower) block first.
@@ -54,132 +85,181 @@ __device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int 
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kSelectWarps * 32) select_blocks_kernel(const SelectParams p) {
+__global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(const SelectParams sp) {
+  using Layout = SelectLayout<kHeadDim>;
+  constexpr int kLd = Layout::kLd, kLdS = Layout::kLdS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int G = p.heads_q / p.heads_kv, g = blockIdx.y;
-  const int n = p.top_n;
-  unsigned char* base = smem_raw + warp * select_warp_bytes<kHeadDim>(G, n);
-  T* sq = reinterpret_cast<T*>(base);
-  float* s_lse = reinterpret_cast<float*>(base + (static_cast<size_t>(G) * kHeadDim * 2 + 15) / 16 * 16);
-  float* s_p = s_lse + G;
-  float* s_open = s_p + 32;
-  float* s_sc = s_open + kOpenBlocks;
-  int* s_id = reinterpret_cast<int*>(s_sc + n);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int G = sp.heads_q / sp.heads_kv, g = blockIdx.y, n = sp.top_n;
+  const SelectShape sh = select_shape(G);
+  const Layout lay(G, n);
+  unsigned char* base = smem_raw + warp * lay.bytes;
+  T* sQ = reinterpret_cast<T*>(base);
+  T* sK = sQ + lay.q_elems;
+  float* sS = reinterpret_cast<float*>(base + lay.s_off);
+  float* sP = reinterpret_cast<float*>(base + lay.p_off);
+  float* ring = reinterpret_cast<float*>(base + lay.ring_off);
+  float* top_sc = reinterpret_cast<float*>(base + lay.sc_off);
+  int* top_id = reinterpret_cast<int*>(base + lay.id_off);
 
-  // (sequence, position) of this warp's token.
-  const index_t item = static_cast<index_t>(blockIdx.x) * kSelectWarps + warp;
-  const bool packed = p.cu_seqlens != nullptr;
-  int b, seq_len;
-  index_t row_begin, t;
-  if (!packed) {
-    if (p.seqlen <= 0 || item >= static_cast<index_t>(p.batch) * p.seqlen) return;
-    b = static_cast<int>(item / p.seqlen);
-    t = item % p.seqlen;
-    row_begin = 0;
-    seq_len = p.seqlen;
-  } else {
-    if (item >= p.total_rows) return;
-    b = find_sequence(p.cu_seqlens, p.batch, item);
-    if (b < 0) return;
-    const SeqGeom sg = seq_geom(p.cu_seqlens, b, 0, p.total_rows);
-    row_begin = sg.row_begin;
-    seq_len = sg.len;
-    t = item - row_begin;
-  }
-  const int l = p.cmp_block, d = p.cmp_stride, lp = p.sel_block;
-  const int nc = num_compressed(seq_len, l, d);
-  const index_t nvis = num_visible(t, nc, l, d);
-  const int t_blk = static_cast<int>(t / lp);
-  const index_t kv_begin = packed ? compressed_row_begin(p.cu_seqlens, b, p.total_rows, d) : 0;
-  const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch) + (row_begin + t) * p.q_stride.row +
-               static_cast<index_t>(g) * G * p.q_stride.head;
-  const T* kc = static_cast<const T*>(p.k_cmp) + (packed ? 0 : b * p.k_stride.batch) + kv_begin * p.k_stride.row +
-                static_cast<index_t>(g) * p.k_stride.head;
-  const float* lse = p.lse + (packed ? 0 : b * p.lse_batch_stride) + (row_begin + t) * p.lse_row_stride +
-                     static_cast<index_t>(g) * G;
+  // The attention kernels' group / pass helpers only read the batch geometry.
+  AttnParams geo;
+  geo.cu_seqlens = sp.cu_seqlens;
+  geo.batch = sp.batch;
+  geo.seqlen = sp.seqlen;
+  geo.total_rows = sp.total_rows;
+  Group gr;
+  if (!group_of(geo, sh.tokens, static_cast<index_t>(blockIdx.x) * warps + warp, gr)) return;
+  const bool packed = sp.cu_seqlens != nullptr;
+  const int l = sp.cmp_block, d = sp.cmp_stride, lp = sp.sel_block;
+  const float scale_log2 = sp.scale * kLog2e;
+  const int open_cap = select_open_blocks(l, d, lp);
 
-  constexpr int kVec = kHeadDim / 8;
-  for (int i = lane; i < G * kVec; i += 32) {
-    const int h = i / kVec, c = (i % kVec) * 8;
-    *reinterpret_cast<uint4*>(sq + h * kHeadDim + c) = *reinterpret_cast<const uint4*>(q + h * p.q_stride.head + c);
-  }
-  for (int h = lane; h < G; h += 32) s_lse[h] = lse[h];
-  for (int j = lane; j < kOpenBlocks; j += 32) s_open[j] = 0.f;
-  __syncwarp();
+  Pass ps;
+  for (int pb = 0; next_pass(geo, sh.tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const index_t row_begin = ps.row_begin, t0 = ps.t0;
+    const int nc = num_compressed(ps.seq_len, l, d);
+    const index_t kv_begin = packed ? compressed_row_begin(sp.cu_seqlens, b, sp.total_rows, d) : 0;
+    const T* q = static_cast<const T*>(sp.q) + (packed ? 0 : b * sp.q_stride.batch);
+    const T* kc = static_cast<const T*>(sp.k_cmp) + (packed ? 0 : b * sp.k_stride.batch) +
+                  static_cast<index_t>(g) * sp.k_stride.head;
+    const index_t lse_b = packed ? 0 : b * sp.lse_batch_stride;
 
-  int count = 0;          // lane 0's view of the top list
-  int next_final = 0;     // next block to finalise (blocks are finalised in ascending order)
-  const float scale = p.scale;
-  auto finalise_until = [&](int j_end) {  // lane 0: blocks [next_final, j_end)
-    for (; next_final < j_end; ++next_final) {
-      const int j = next_final;
-      const bool forced = j < p.init_blocks || j > t_blk - p.local_blocks;
-      const float s = forced ? INFINITY : s_open[j % kOpenBlocks];
-      s_open[j % kOpenBlocks] = 0.f;
-      topn_insert(s_sc, s_id, count, n, s, j);
+    // q rows of every chunk: row c*16 + r = (token r / heads, head c*16 + r % heads).
+    constexpr int kVec = kHeadDim / 8;
+    for (int i = lane; i < sh.chunks * kRows * kVec; i += 32) {
+      const int rr = i / kVec, c = (i % kVec) * 8;
+      const int chunk = rr / kRows, r = rr % kRows;
+      const int tok = r / sh.heads, h = chunk * kRows + r % sh.heads;
+      const bool on = tok >= ps.p_begin && tok < ps.p_end && r < sh.tokens * sh.heads && h < G;
+      const T* src = on ? q + (row_begin + t0 + tok) * sp.q_stride.row +
+                              static_cast<index_t>(g * G + h) * sp.q_stride.head + c
+                        : q;
+      mma::cp_async_16(sQ + rr * kLd + c, src, on);
     }
-  };
+    mma::cp_async_commit();
+    for (int i = lane; i < sh.tokens * kSelectRing; i += 32) ring[i] = 0.f;
 
-  for (index_t i0 = 0; i0 < nvis; i0 += 32) {
-    const index_t i = i0 + lane;
-    float P = 0.f;
-    if (i < nvis) {
-      const T* krow = kc + i * p.k_stride.row;
-      for (int h = 0; h < G; ++h) {
-        const float lh = s_lse[h];
-        if (lh == -INFINITY) continue;
-        float dot = 0.f;
-#pragma unroll 4
-        for (int c = 0; c < kHeadDim; c += 8) {
-          const uint4 kv = *reinterpret_cast<const uint4*>(krow + c);
-          const uint4 qv = *reinterpret_cast<const uint4*>(sq + h * kHeadDim + c);
-          const T* ke = reinterpret_cast<const T*>(&kv);
-          const T* qe = reinterpret_cast<const T*>(&qv);
+    // Per-token state, held by lane `tok` (tok < tokens).
+    int count = 0, next_final = 0;
+    const int my_tok = lane;
+    const bool my_on = my_tok >= ps.p_begin && my_tok < ps.p_end;
+    const index_t my_t = t0 + my_tok;
+    const index_t my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
+    const int my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
+    auto finalise_until = [&](int j_end) {
+      for (; next_final < j_end; ++next_final) {
+        const int j = next_final;
+        const bool forced = j < sp.init_blocks || j > my_tblk - sp.local_blocks;
+        float& slot = ring[my_tok * kSelectRing + (j & (kSelectRing - 1))];
+        const float s = forced ? INFINITY : slot;
+        slot = 0.f;
+        topn_insert(top_sc + my_tok * n, top_id + my_tok * n, count, n, s, j);
+      }
+    };
+
+    const index_t nvis_max = num_visible(t0 + ps.p_end - 1, nc, l, d);
+    mma::cp_async_wait_all();
+    __syncwarp();
+    for (index_t s0 = 0; s0 < nvis_max; s0 += kSelectTileKeys) {
+      load_rows_async<T, kHeadDim, kSelectTileKeys>(sK, kLd, kc, sp.k_stride.row, kv_begin, s0, nc, lane);
+      mma::cp_async_commit();
+      mma::cp_async_wait_all();
+      __syncwarp();
+
+      for (int chunk = 0; chunk < sh.chunks; ++chunk) {
+        float acc[4][4] = {};
+        gemm_16x32_nt<T, kHeadDim>(acc, sQ + chunk * kRows * kLd, kLd, sK, kLd, gid, tig);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) dot = fmaf(to_f<T>(qe[e]), to_f<T>(ke[e]), dot);
+        for (int ri = 0; ri < 2; ++ri) {
+          const int r = gid + ri * 8;
+          const int tok = r / sh.heads, h = chunk * kRows + r % sh.heads;
+          const bool on = r < sh.tokens * sh.heads && h < G && tok >= ps.p_begin && tok < ps.p_end;
+          index_t nv = 0;
+          float lse_l2 = INFINITY;
+          if (on) {
+            nv = num_visible(t0 + tok, nc, l, d);
+            const float x = sp.lse[lse_b + (row_begin + t0 + tok) * sp.lse_row_stride + g * G + h];
+            lse_l2 = x == -INFINITY ? INFINITY : x * kLog2e;
+          }
+#pragma unroll
+          for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kk = nn * 8 + 2 * tig + e;
+              const float x = acc[nn][ri * 2 + e];
+              sS[r * kLdS + kk] = s0 + kk < nv ? exp2f(x * scale_log2 - lse_l2) : 0.f;
+            }
         }
-        P += expf(scale * dot - lh);
+        __syncwarp();
+        // Heads of a token summed in a fixed order (reproducible selection); chunks of one
+        // token (G > 16) add up in chunk order.
+        for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
+          const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
+          float sum = chunk == 0 ? 0.f : sP[w];
+          for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
+          sP[w] = sum;
+        }
+        __syncwarp();
+      }
+
+      // 3. block sums: (token, block) pairs, ascending keys inside each.
+      const int jlo = static_cast<int>(s0) * d / lp;
+      for (int w = lane; w < sh.tokens * open_cap; w += 32) {
+        const int tok = w / open_cap, j = jlo + w % open_cap;
+        if (tok < ps.p_begin || tok >= ps.p_end) continue;
+        const int t = static_cast<int>(t0 + tok);  // positions inside one sequence fit in int
+        const int nv = static_cast<int>(num_visible(t, nc, l, d));
+        if (s0 >= nv || j > t / lp) continue;
+        // keys i with i*d < (j+1)*l' and i*d + l > j*l', inside the tile and visible
+        int i_lo = j * lp - l + 1;
+        i_lo = i_lo <= 0 ? 0 : (i_lo + d - 1) / d;
+        int i_hi = ((j + 1) * lp - 1) / d;
+        i_lo = max(i_lo, static_cast<int>(s0));
+        i_hi = min(min(i_hi, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
+        float sum = 0.f;
+        for (int i = i_lo; i <= i_hi; ++i) {
+          const int lo = max(i * d, j * lp), hi = min(i * d + l, (j + 1) * lp);
+          sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>((hi - lo) / d);
+        }
+        if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
+      }
+      __syncwarp();
+      // 4. finalise the blocks whose keys are all done.
+      if (my_on && s0 < my_nvis) {
+        const index_t i_end = s0 + kSelectTileKeys;
+        index_t j_done = i_end >= my_nvis ? my_tblk + 1 : (i_end * d) / lp;
+        if (j_done > my_tblk + 1) j_done = my_tblk + 1;
+        finalise_until(static_cast<int>(j_done));
+      }
+      __syncwarp();
+    }
+
+    if (my_on) {
+      finalise_until(my_tblk + 1);
+      int* sid = top_id + my_tok * n;
+      for (int a = 1; a < count; ++a) {  // ascending block indices
+        const int x = sid[a];
+        int c = a - 1;
+        while (c >= 0 && sid[c] > x) {
+          sid[c + 1] = sid[c];
+          --c;
+        }
+        sid[c + 1] = x;
       }
     }
-    s_p[lane] = P;
+    // Every lane's count is needed by the lanes writing the token's row.
     __syncwarp();
-    if (lane == 0) {
-      const index_t i_end = i0 + 32 < nvis ? i0 + 32 : nvis;
-      for (index_t ii = i0; ii < i_end; ++ii) {
-        const index_t a0 = ii * d, a1 = ii * d + l;  // compressed token ii covers keys [a0, a1)
-        for (index_t j = a0 / lp; j * lp < a1 && j <= t_blk; ++j) {
-          const index_t lo = a0 > j * lp ? a0 : j * lp;
-          const index_t hi = a1 < (j + 1) * lp ? a1 : (j + 1) * lp;
-          s_open[j % kOpenBlocks] += s_p[ii - i0] * static_cast<float>((hi - lo) / d);
-        }
-      }
-      // Blocks whose overlapping compressed tokens are all processed: j with every token
-      // i <= i_end - 1 done, i.e. the first token after the tile starts at or after (j+1)*l'.
-      index_t j_done = i_end >= nvis ? t_blk + 1 : (i_end * d) / lp;
-      if (j_done > t_blk + 1) j_done = t_blk + 1;
-      finalise_until(static_cast<int>(j_done));
+    for (int tok = ps.p_begin; tok < ps.p_end; ++tok) {
+      const int cnt = __shfl_sync(0xffffffffu, count, tok);
+      int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) +
+                 (row_begin + t0 + tok) * sp.block_idx_stride.row + static_cast<index_t>(g) * sp.block_idx_stride.head;
+      for (int a = lane; a < n; a += 32) out[a] = a < cnt ? top_id[tok * n + a] : -1;
     }
     __syncwarp();
   }
-  if (lane == 0) {
-    finalise_until(t_blk + 1);
-    // Emit ascending block indices, -1 padded.
-    for (int a = 1; a < count; ++a) {
-      const int x = s_id[a];
-      int c = a - 1;
-      while (c >= 0 && s_id[c] > x) {
-        s_id[c + 1] = s_id[c];
-        --c;
-      }
-      s_id[c + 1] = x;
-    }
-  }
-  __syncwarp();
-  int* out = p.block_idx + (packed ? 0 : b * p.block_idx_stride.batch) + (row_begin + t) * p.block_idx_stride.row +
-             static_cast<index_t>(g) * p.block_idx_stride.head;
-  const int cnt = __shfl_sync(0xffffffffu, count, 0);
-  for (int a = lane; a < n; a += 32) out[a] = a < cnt ? s_id[a] : -1;
 }
 
 }  // namespace sparse_detail

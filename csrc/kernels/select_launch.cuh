@@ -8,19 +8,31 @@ namespace nsa {
 
 template <typename T, int kHeadDim>
 Status run_select_blocks(const SelectParams& p, cudaStream_t stream) {
-  constexpr int kWarps = sparse_detail::kSelectWarps;
+  using sparse_detail::SelectLayout;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
   if (p.top_n < 1) return Status{2, "top_n must be >= 1"};
+  if (sparse_detail::select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block) > sparse_detail::kSelectRing)
+    return Status{2, "cmp_block / cmp_stride too large relative to sel_block for the CUDA selection kernel"};
   const int G = p.heads_q / p.heads_kv;
-  const index_t items = p.cu_seqlens ? p.total_rows : static_cast<index_t>(p.batch) * p.seqlen;
-  if (items == 0) return Status{};
+  const sparse_detail::SelectShape sh = sparse_detail::select_shape(G);
+  const index_t groups = p.cu_seqlens ? (p.total_rows + sh.tokens - 1) / sh.tokens
+                                      : static_cast<index_t>(p.batch) * ((p.seqlen + sh.tokens - 1) / sh.tokens);
+  if (groups == 0) return Status{};
   if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
-  const size_t smem = kWarps * sparse_detail::select_warp_bytes<kHeadDim>(G, p.top_n);
-  if (smem > 200 * 1024) return Status{2, "G x head dim x top_n too large for the selection kernel's shared memory"};
+  // As many warps per CTA (up to 4) as fit in shared memory: large G x head dim x top_n take
+  // more per warp.
+  const size_t warp_bytes = SelectLayout<kHeadDim>(G, p.top_n).bytes;
+  constexpr size_t kMaxSmem = 200 * 1024;
+  int warps = sparse_detail::kSelectMaxWarps;
+  while (warps > 1 && warps * warp_bytes > kMaxSmem) --warps;
+  if (warp_bytes > kMaxSmem) return Status{2, "G x head dim x top_n too large for the selection kernel's shared memory"};
+  const size_t smem = warps * warp_bytes;
   auto kernel = sparse_detail::select_blocks_kernel<T, kHeadDim>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>((items + kWarps - 1) / kWarps), p.heads_kv), kWarps * 32, smem, stream>>>(p);
+  const index_t ctas = (groups + warps - 1) / warps;
+  if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), warps * 32, smem, stream>>>(p);
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
