@@ -8,23 +8,7 @@ namespace nsa {
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_cmp_attn_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = sparse_detail::FwdConfig<kHeadDim, kHeadDimV>;
-  constexpr int kRows = sparse_detail::kRows;
-  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
-  const int G = p.heads_q / p.heads_kv;
-  const int tokens = G >= kRows ? 1 : kRows / G;
-  const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  const index_t items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
-                                     : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
-  if (items == 0) return Status{};
-  if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks"};
-  auto kernel = sparse_detail::cmp_attn_fwd_kernel<T, kHeadDim, kHeadDimV>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>((items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks), Cfg::kThreads,
-           Cfg::kSmemBytes, stream>>>(p);
-  e = cudaGetLastError();
-  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+  return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/true>(p, stream);
 }
 
 template <typename T, int kHeadDim, int kHeadDimV>

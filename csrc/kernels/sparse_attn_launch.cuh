@@ -2,6 +2,7 @@
 // instantiation files only.
 #pragma once
 
+#include "range_attn_fwd_kernel.cuh"
 #include "sparse_attn_fwd_kernel.cuh"
 
 namespace nsa {
@@ -14,6 +15,9 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.mode == AttnMode::kSelected && (p.sel_block <= 0 || p.sel_block % sparse_detail::kBlockN != 0))
     return Status{2, "sel_block must be a positive multiple of 32 on CUDA"};
   if (p.mode == AttnMode::kCompressed) return Status{2, "the sparse kernel runs the selected and window branches"};
+  // The window's keys are one contiguous range per token: the CTA-shared range kernel.
+  if (p.mode == AttnMode::kWindow)
+    return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
   const int tokens = G >= kRows ? 1 : kRows / G;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;

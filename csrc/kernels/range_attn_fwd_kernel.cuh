@@ -1,0 +1,240 @@
+// Forward kernel of the branches whose keys form one contiguous range per query: the
+// compressed branch (compressed tokens [0, nvis(t))) and the sliding window (keys
+// [t - w + 1, t]).
+//
+// The warps of a CTA own consecutive tokens of one KV head (each warp the 16-row layout of
+// sparse_attn_common.cuh), so their key ranges nearly coincide: the CTA walks the union range
+// once, loading every 32-key K/V tile cooperatively into a two-stage cp.async pipeline (the next
+// tile streams in while the current one is multiplied), and each warp multiplies only the tiles
+// its own tokens need. Compared with one private tile per warp, global / L2 traffic drops by
+// the number of warps and load latency hides behind the tensor-core work.
+#pragma once
+
+#include "cmp_attn.h"
+#include "sparse_attn_common.cuh"
+
+namespace nsa {
+namespace sparse_detail {
+
+template <int kHeadDim, int kHeadDimV>
+struct RangeFwdConfig {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLdQK = kHeadDim + 8;  // padded smem rows: conflict-free fragment loads
+  static constexpr int kLdV = kHeadDimV + 8;
+  static constexpr int kStageElems = kBlockN * kLdQK + kBlockN * kLdV;
+  static constexpr int kSmemBytes = (kWarps * kRows * kLdQK + 2 * kStageElems) * 2;
+};
+
+// Compressed tokens visible to position t (DESIGN §1.2: i*d + l - 1 <= t).
+__device__ __forceinline__ index_t num_visible(index_t t, int nc, int l, int d) {
+  if (t + 1 < l) return 0;
+  const index_t v = (t - l + 1) / d + 1;
+  return v < nc ? v : nc;
+}
+
+// cp.async of rows [s0, s0 + kTileRows) of a [.., D] tensor by all threads of the CTA; rows
+// outside [0, n_rows) are zero-filled without being read.
+template <typename T, int kDim, int kTileRows, int kThreads>
+__device__ __forceinline__ void load_rows_cta(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
+                                              index_t s0, index_t n_rows, int tid) {
+  constexpr int kVec = kDim / 8;
+#pragma unroll
+  for (int i = tid; i < kTileRows * kVec; i += kThreads) {
+    const int r = i / kVec, c = (i % kVec) * 8;
+    const index_t s = s0 + r;
+    const bool on = s >= 0 && s < n_rows;
+    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
+  }
+}
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
+    range_attn_fwd_kernel(const AttnParams p) {
+  using Cfg = RangeFwdConfig<kHeadDim, kHeadDimV>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  T* sQ = reinterpret_cast<T*>(smem_raw) + warp * kRows * Cfg::kLdQK;
+  T* sStage = reinterpret_cast<T*>(smem_raw) + Cfg::kWarps * kRows * Cfg::kLdQK;
+
+  const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const float scale_log2 = p.scale * kLog2e;
+  const bool packed = p.cu_seqlens != nullptr;
+  const int l = p.cmp_block, d = p.cmp_stride;
+
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const index_t row_begin = ps.row_begin;
+    // This warp's slice of the pass, as a pass over its own P token slots.
+    Pass wps = ps;
+    wps.t0 = ps.t0 + warp * P;
+    wps.p_begin = max(ps.p_begin - warp * P, 0);
+    wps.p_end = min(ps.p_end - warp * P, P);
+    const bool warp_on = wps.p_begin < wps.p_end;
+    if (!warp_on) wps.p_begin = wps.p_end = 0;
+
+    int nc = 0;
+    index_t kv_row_begin = row_begin, n_keys = ps.seq_len;
+    if (kCompressed) {
+      nc = num_compressed(ps.seq_len, l, d);
+      kv_row_begin = packed ? compressed_row_begin(p.cu_seqlens, b, p.total_rows, d) : 0;
+      n_keys = nc;
+    }
+    // Key range of the CTA and of this warp, [lo, hi).
+    auto range_of = [&](index_t t_first, index_t t_last, index_t& lo, index_t& hi) {
+      if (kCompressed) {
+        lo = 0;
+        hi = num_visible(t_last, nc, l, d);
+      } else {
+        lo = t_first - p.window + 1;
+        lo = lo < 0 ? 0 : (lo / kBlockN) * kBlockN;
+        hi = t_last + 1;
+      }
+    };
+    index_t lo, hi, w_lo = 0, w_hi = 0;
+    range_of(ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    if (warp_on) range_of(wps.t0 + wps.p_begin, wps.t0 + wps.p_end - 1, w_lo, w_hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
+
+    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
+    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
+    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
+    auto load_tile = [&](int it) {
+      T* sK = sStage + (it & 1) * Cfg::kStageElems;
+      T* sV = sK + kBlockN * Cfg::kLdQK;
+      const index_t s0 = lo + static_cast<index_t>(it) * kBlockN;
+      load_rows_cta<T, kHeadDim, kBlockN, Cfg::kThreads>(sK, Cfg::kLdQK, k, p.k_stride.row, kv_row_begin, s0, n_keys, tid);
+      load_rows_cta<T, kHeadDimV, kBlockN, Cfg::kThreads>(sV, Cfg::kLdV, v, p.v_stride.row, kv_row_begin, s0, n_keys, tid);
+    };
+
+    load_query_rows_async<T, kHeadDim>(sQ, Cfg::kLdQK, q, p.q_stride, rm, wps, lane);
+    if (n_tiles > 0) load_tile(0);
+    mma::cp_async_commit();
+
+    int row_tok[2];
+    bool row_on[2];
+    index_t row_lo[2], row_hi[2];  // keys [row_lo, row_hi) of the row's token
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + ri * 8;
+      row_tok[ri] = r / rm.heads;
+      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
+      const index_t t = wps.t0 + row_tok[ri];
+      row_lo[ri] = kCompressed ? 0 : t - p.window + 1;
+      row_hi[ri] = !row_on[ri] ? 0 : kCompressed ? num_visible(t, nc, l, d) : t + 1;
+    }
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o_acc[kHeadDimV / 8][4];
+#pragma unroll
+    for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      if (it + 1 < n_tiles) {
+        load_tile(it + 1);
+        mma::cp_async_commit();
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      } else {
+        mma::cp_async_wait_all();
+      }
+      __syncthreads();
+      const index_t s0 = lo + static_cast<index_t>(it) * kBlockN;
+      if (warp_on && s0 < w_hi && s0 + kBlockN > w_lo) {
+        const T* sK = sStage + (it & 1) * Cfg::kStageElems;
+        const T* sV = sK + kBlockN * Cfg::kLdQK;
+        float s_acc[4][4] = {};
+        gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, Cfg::kLdQK, sK, Cfg::kLdQK, gid, tig);
+        // Mask, online softmax (scores stay unscaled; scale folded into the exponent).
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const index_t s = s0 + n * 8 + 2 * tig + e;
+              float& x = s_acc[n][ri * 2 + e];
+              x = s >= row_lo[ri] && s < row_hi[ri] ? x : -INFINITY;
+              mx = fmaxf(mx, x);
+            }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[ri], mx);
+          // All keys so far masked: keep everything at zero (no inf - inf).
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f((m_run[ri] - m_use) * scale_log2);
+          m_run[ri] = m_new;
+          float rs = 0.f;
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s_acc[n][ri * 2 + e];
+              x = exp2f((x - m_use) * scale_log2);
+              rs += x;
+            }
+          l_run[ri] = l_run[ri] * alpha + rs;
+#pragma unroll
+          for (int n = 0; n < kHeadDimV / 8; ++n) {
+            o_acc[n][ri * 2] *= alpha;
+            o_acc[n][ri * 2 + 1] *= alpha;
+          }
+        }
+        gemm_16x32_regs_nn<T, kHeadDimV>(o_acc, s_acc, sV, Cfg::kLdV, gid, tig);  // O += P V
+      }
+      __syncthreads();  // the next iteration's load overwrites this stage
+    }
+    mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
+
+    // ---- epilogue: normalise, write o and lse ----
+    T* o = static_cast<T*>(p.o) + (packed ? 0 : b * p.o_stride.batch);
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      float lsum = l_run[ri];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      if (!row_on[ri]) continue;
+      const int r = gid + ri * 8;
+      const index_t t = wps.t0 + row_tok[ri];
+      const int hq = rm.head0 + r % rm.heads;
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      T* orow = o + (row_begin + t) * p.o_stride.row + static_cast<index_t>(hq) * p.o_stride.head;
+#pragma unroll
+      for (int n = 0; n < kHeadDimV / 8; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * tig) =
+            mma::pack2<T>(o_acc[n][ri * 2] * inv, o_acc[n][ri * 2 + 1] * inv);
+      if (tig == 0)
+        p.lse[(packed ? 0 : b * p.lse_batch_stride) + (row_begin + t) * p.lse_row_stride + hq] =
+            lsum > 0.f ? m_run[ri] * p.scale + logf(lsum) : -INFINITY;
+    }
+    __syncthreads();  // sQ and the stages are reused by the next pass
+  }
+}
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+Status run_range_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = RangeFwdConfig<kHeadDim, kHeadDimV>;
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
+  const int G = p.heads_q / p.heads_kv;
+  const int tokens = (G >= kRows ? 1 : kRows / G) * Cfg::kWarps;
+  const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
+  const index_t items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
+                                     : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+  if (items == 0) return Status{};
+  const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
+  if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
+  if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  auto kernel = range_attn_fwd_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+}  // namespace sparse_detail
+}  // namespace nsa
