@@ -11,7 +11,7 @@
 #pragma once
 
 #include "cmp_attn.h"
-#include "sparse_attn_common.cuh"
+#include "attn_fwd_tile.cuh"
 
 namespace nsa {
 namespace sparse_detail {
@@ -31,21 +31,6 @@ __device__ __forceinline__ index_t num_visible(index_t t, int nc, int l, int d) 
   if (t + 1 < l) return 0;
   const index_t v = (t - l + 1) / d + 1;
   return v < nc ? v : nc;
-}
-
-// cp.async of rows [s0, s0 + kTileRows) of a [.., D] tensor by all threads of the CTA; rows
-// outside [0, n_rows) are zero-filled without being read.
-template <typename T, int kDim, int kTileRows, int kThreads>
-__device__ __forceinline__ void load_rows_cta(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
-                                              index_t s0, index_t n_rows, int tid) {
-  constexpr int kVec = kDim / 8;
-#pragma unroll
-  for (int i = tid; i < kTileRows * kVec; i += kThreads) {
-    const int r = i / kVec, c = (i % kVec) * 8;
-    const index_t s = s0 + r;
-    const bool on = s >= 0 && s < n_rows;
-    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
-  }
 }
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
@@ -70,13 +55,8 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
   for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
     const int b = ps.b;
     const index_t row_begin = ps.row_begin;
-    // This warp's slice of the pass, as a pass over its own P token slots.
-    Pass wps = ps;
-    wps.t0 = ps.t0 + warp * P;
-    wps.p_begin = max(ps.p_begin - warp * P, 0);
-    wps.p_end = min(ps.p_end - warp * P, P);
+    const Pass wps = warp_pass(ps, warp, P);
     const bool warp_on = wps.p_begin < wps.p_end;
-    if (!warp_on) wps.p_begin = wps.p_end = 0;
 
     int nc = 0;
     index_t kv_row_begin = row_begin, n_keys = ps.seq_len;
@@ -137,7 +117,7 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
       if (it + 1 < n_tiles) {
         load_tile(it + 1);
         mma::cp_async_commit();
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        cp_async_wait_one();
       } else {
         mma::cp_async_wait_all();
       }
@@ -146,71 +126,14 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
       if (warp_on && s0 < w_hi && s0 + kBlockN > w_lo) {
         const T* sK = sStage + (it & 1) * Cfg::kStageElems;
         const T* sV = sK + kBlockN * Cfg::kLdQK;
-        float s_acc[4][4] = {};
-        gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, Cfg::kLdQK, sK, Cfg::kLdQK, gid, tig);
-        // Mask, online softmax (scores stay unscaled; scale folded into the exponent).
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int n = 0; n < 4; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const index_t s = s0 + n * 8 + 2 * tig + e;
-              float& x = s_acc[n][ri * 2 + e];
-              x = s >= row_lo[ri] && s < row_hi[ri] ? x : -INFINITY;
-              mx = fmaxf(mx, x);
-            }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[ri], mx);
-          // All keys so far masked: keep everything at zero (no inf - inf).
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2f((m_run[ri] - m_use) * scale_log2);
-          m_run[ri] = m_new;
-          float rs = 0.f;
-#pragma unroll
-          for (int n = 0; n < 4; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = s_acc[n][ri * 2 + e];
-              x = exp2f((x - m_use) * scale_log2);
-              rs += x;
-            }
-          l_run[ri] = l_run[ri] * alpha + rs;
-#pragma unroll
-          for (int n = 0; n < kHeadDimV / 8; ++n) {
-            o_acc[n][ri * 2] *= alpha;
-            o_acc[n][ri * 2 + 1] *= alpha;
-          }
-        }
-        gemm_16x32_regs_nn<T, kHeadDimV>(o_acc, s_acc, sV, Cfg::kLdV, gid, tig);  // O += P V
+        fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, s0, scale_log2, m_run, l_run, o_acc, gid,
+                                         tig, [&](int ri, index_t s) { return s >= row_lo[ri] && s < row_hi[ri]; });
       }
       __syncthreads();  // the next iteration's load overwrites this stage
     }
     mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
 
-    // ---- epilogue: normalise, write o and lse ----
-    T* o = static_cast<T*>(p.o) + (packed ? 0 : b * p.o_stride.batch);
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      float lsum = l_run[ri];
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      if (!row_on[ri]) continue;
-      const int r = gid + ri * 8;
-      const index_t t = wps.t0 + row_tok[ri];
-      const int hq = rm.head0 + r % rm.heads;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      T* orow = o + (row_begin + t) * p.o_stride.row + static_cast<index_t>(hq) * p.o_stride.head;
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n)
-        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * tig) =
-            mma::pack2<T>(o_acc[n][ri * 2] * inv, o_acc[n][ri * 2 + 1] * inv);
-      if (tig == 0)
-        p.lse[(packed ? 0 : b * p.lse_batch_stride) + (row_begin + t) * p.lse_row_stride + hq] =
-            lsum > 0.f ? m_run[ri] * p.scale + logf(lsum) : -INFINITY;
-    }
+    fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
     __syncthreads();  // sQ and the stages are reused by the next pass
   }
 }

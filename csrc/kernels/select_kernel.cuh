@@ -47,20 +47,19 @@ __host__ __device__ inline SelectShape select_shape(int G) {
   return s;
 }
 
-// Per-warp shared memory: q rows [chunks*16][kLd] (T), key tile [32][kLd] (T), P rows
-// [16][33] (f32), P per token [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores
-// [tokens][n] (f32), top blocks [tokens][n] (int).
+// Per-warp shared memory: q rows [chunks*16][kLd] (T), P rows [16][33] (f32), P per token
+// [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores [tokens][n] (f32), top
+// blocks [tokens][n] (int). After the warps: two stages of the CTA's key tile [32][kLd] (T).
 template <int kHeadDim>
 struct SelectLayout {
   static constexpr int kLd = kHeadDim + 8;  // +16 bytes per row: conflict-free fragment reads
   static constexpr int kLdS = kSelectTileKeys + 1;
-  int q_elems, k_elems;
+  int q_elems;
   size_t s_off, p_off, ring_off, sc_off, id_off, bytes;
   __host__ __device__ SelectLayout(int G, int n) {
     const SelectShape sh = select_shape(G);
     q_elems = sh.chunks * kRows * kLd;
-    k_elems = kSelectTileKeys * kLd;
-    s_off = static_cast<size_t>(q_elems + k_elems) * 2;
+    s_off = static_cast<size_t>(q_elems) * 2;
     p_off = s_off + kRows * kLdS * 4;
     ring_off = p_off + static_cast<size_t>(sh.tokens) * kSelectTileKeys * 4;
     sc_off = ring_off + static_cast<size_t>(sh.tokens) * kSelectRing * 4;
@@ -68,6 +67,20 @@ struct SelectLayout {
     bytes = (id_off + static_cast<size_t>(sh.tokens) * n * 4 + 15) / 16 * 16;
   }
 };
+
+// cp.async of rows [s0, s0 + kTileRows) by the `nthreads` threads of the CTA; rows outside
+// [0, n_rows) are zero-filled without being read.
+template <typename T, int kDim, int kTileRows>
+__device__ __forceinline__ void load_rows_cta_n(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
+                                                index_t s0, index_t n_rows, int tid, int nthreads) {
+  constexpr int kVec = kDim / 8;
+  for (int i = tid; i < kTileRows * kVec; i += nthreads) {
+    const int r = i / kVec, c = (i % kVec) * 8;
+    const index_t s = s0 + r;
+    const bool on = s >= 0 && s < n_rows;
+    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
+  }
+}
 
 // Inserts (s, j) into the list sorted by (score desc, block asc); j is larger than every block
 // already there, so equal scores keep the earlier (lower) block first.
@@ -96,7 +109,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
   const Layout lay(G, n);
   unsigned char* base = smem_raw + warp * lay.bytes;
   T* sQ = reinterpret_cast<T*>(base);
-  T* sK = sQ + lay.q_elems;
+  T* sStage = reinterpret_cast<T*>(smem_raw + warps * lay.bytes);
   float* sS = reinterpret_cast<float*>(base + lay.s_off);
   float* sP = reinterpret_cast<float*>(base + lay.p_off);
   float* ring = reinterpret_cast<float*>(base + lay.ring_off);
@@ -110,14 +123,22 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
   geo.seqlen = sp.seqlen;
   geo.total_rows = sp.total_rows;
   Group gr;
-  if (!group_of(geo, sh.tokens, static_cast<index_t>(blockIdx.x) * warps + warp, gr)) return;
+  const int cta_tokens = sh.tokens * warps;
+  if (!group_of(geo, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const bool packed = sp.cu_seqlens != nullptr;
   const int l = sp.cmp_block, d = sp.cmp_stride, lp = sp.sel_block;
   const float scale_log2 = sp.scale * kLog2e;
   const int open_cap = select_open_blocks(l, d, lp);
 
-  Pass ps;
-  for (int pb = 0; next_pass(geo, sh.tokens, gr, pb, 0, ps); pb = ps.p_end) {
+  Pass cps;
+  for (int pb = 0; next_pass(geo, cta_tokens, gr, pb, 0, cps); pb = cps.p_end) {
+    // The CTA walks the key tiles of its whole pass; `ps` is this warp's slice of it.
+    Pass ps = cps;
+    ps.t0 = cps.t0 + warp * sh.tokens;
+    ps.p_begin = max(cps.p_begin - warp * sh.tokens, 0);
+    ps.p_end = min(cps.p_end - warp * sh.tokens, sh.tokens);
+    const bool warp_on = ps.p_begin < ps.p_end;
+    if (!warp_on) ps.p_begin = ps.p_end = 0;
     const int b = ps.b;
     const index_t row_begin = ps.row_begin, t0 = ps.t0;
     const int nc = num_compressed(ps.seq_len, l, d);
@@ -160,14 +181,31 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
       }
     };
 
-    const index_t nvis_max = num_visible(t0 + ps.p_end - 1, nc, l, d);
-    mma::cp_async_wait_all();
-    __syncwarp();
-    for (index_t s0 = 0; s0 < nvis_max; s0 += kSelectTileKeys) {
-      load_rows_async<T, kHeadDim, kSelectTileKeys>(sK, kLd, kc, sp.k_stride.row, kv_begin, s0, nc, lane);
-      mma::cp_async_commit();
-      mma::cp_async_wait_all();
-      __syncwarp();
+    const index_t nvis_cta = num_visible(cps.t0 + cps.p_end - 1, nc, l, d);
+    const index_t nvis_warp = warp_on ? num_visible(t0 + ps.p_end - 1, nc, l, d) : 0;
+    const int n_tiles = static_cast<int>((nvis_cta + kSelectTileKeys - 1) / kSelectTileKeys);
+    auto load_tile = [&](int it) {
+      load_rows_cta_n<T, kHeadDim, kSelectTileKeys>(sStage + (it & 1) * kSelectTileKeys * kLd, kLd, kc, sp.k_stride.row,
+                                                    kv_begin, static_cast<index_t>(it) * kSelectTileKeys, nc,
+                                                    threadIdx.x, blockDim.x);
+    };
+    if (n_tiles > 0) load_tile(0);
+    mma::cp_async_commit();
+    for (int it = 0; it < n_tiles; ++it) {
+      if (it + 1 < n_tiles) {
+        load_tile(it + 1);
+        mma::cp_async_commit();
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      } else {
+        mma::cp_async_wait_all();
+      }
+      __syncthreads();
+      const index_t s0 = static_cast<index_t>(it) * kSelectTileKeys;
+      if (s0 >= nvis_warp) {  // this warp's tokens see no key of the tile (warp-uniform)
+        __syncthreads();
+        continue;
+      }
+      const T* sK = sStage + (it & 1) * kSelectTileKeys * kLd;
 
       for (int chunk = 0; chunk < sh.chunks; ++chunk) {
         float acc[4][4] = {};
@@ -234,8 +272,10 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
         if (j_done > my_tblk + 1) j_done = my_tblk + 1;
         finalise_until(static_cast<int>(j_done));
       }
-      __syncwarp();
+      __syncthreads();  // the next iteration's load overwrites this stage
     }
+    mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
+    __syncwarp();
 
     if (my_on) {
       finalise_until(my_tblk + 1);
@@ -258,7 +298,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
                  (row_begin + t0 + tok) * sp.block_idx_stride.row + static_cast<index_t>(g) * sp.block_idx_stride.head;
       for (int a = lane; a < n; a += 32) out[a] = a < cnt ? top_id[tok * n + a] : -1;
     }
-    __syncwarp();
+    __syncthreads();  // the next pass reuses the stages
   }
 }
 

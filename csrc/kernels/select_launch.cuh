@@ -15,22 +15,24 @@ Status run_select_blocks(const SelectParams& p, cudaStream_t stream) {
     return Status{2, "cmp_block / cmp_stride too large relative to sel_block for the CUDA selection kernel"};
   const int G = p.heads_q / p.heads_kv;
   const sparse_detail::SelectShape sh = sparse_detail::select_shape(G);
-  const index_t groups = p.cu_seqlens ? (p.total_rows + sh.tokens - 1) / sh.tokens
-                                      : static_cast<index_t>(p.batch) * ((p.seqlen + sh.tokens - 1) / sh.tokens);
-  if (groups == 0) return Status{};
-  if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
   // As many warps per CTA (up to 4) as fit in shared memory: large G x head dim x top_n take
-  // more per warp.
+  // more per warp. The CTA's tokens share its key tiles (two stages after the warps' space).
   const size_t warp_bytes = SelectLayout<kHeadDim>(G, p.top_n).bytes;
+  const size_t stage_bytes = 2 * sparse_detail::kSelectTileKeys * SelectLayout<kHeadDim>::kLd * 2;
   constexpr size_t kMaxSmem = 200 * 1024;
   int warps = sparse_detail::kSelectMaxWarps;
-  while (warps > 1 && warps * warp_bytes > kMaxSmem) --warps;
-  if (warp_bytes > kMaxSmem) return Status{2, "G x head dim x top_n too large for the selection kernel's shared memory"};
-  const size_t smem = warps * warp_bytes;
+  while (warps > 1 && warps * warp_bytes + stage_bytes > kMaxSmem) --warps;
+  if (warp_bytes + stage_bytes > kMaxSmem)
+    return Status{2, "G x head dim x top_n too large for the selection kernel's shared memory"};
+  const size_t smem = warps * warp_bytes + stage_bytes;
+  const int cta_tokens = sh.tokens * warps;
+  const index_t ctas = p.cu_seqlens ? (p.total_rows + cta_tokens - 1) / cta_tokens
+                                    : static_cast<index_t>(p.batch) * ((p.seqlen + cta_tokens - 1) / cta_tokens);
+  if (ctas == 0) return Status{};
+  if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
   auto kernel = sparse_detail::select_blocks_kernel<T, kHeadDim>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  const index_t ctas = (groups + warps - 1) / warps;
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), warps * 32, smem, stream>>>(p);
   e = cudaGetLastError();

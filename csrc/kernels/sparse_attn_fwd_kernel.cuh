@@ -1,151 +1,183 @@
-// Kernel body of the grouped sparse attention forward (see sparse_attn.h).
+// Forward kernel of the selected-block branch (see sparse_attn.h); the window branch and the
+// compressed branch run the contiguous-range kernel (range_attn_fwd_kernel.cuh).
 //
-// One warp owns 16 rows = (token, query head) pairs of one KV head g: the G heads of one token
-// (16 of them per warp when G >= 16), or the heads of P = 16/G consecutive tokens when G < 16,
-// so small groups still fill the m16 tensor-core tile. The warp walks key tiles of 32 keys:
-// the union of its tokens' selected blocks (each token keeps only its own blocks via a row
-// mask), or the union of its tokens' windows (consecutive tokens: barely more keys than one
-// window). Per tile: K, V -> shared memory (cp.async), S = Q K^T (mma.sync), mask, online
-// softmax, O += P V with P kept in registers.
+// The warps of a CTA own consecutive tokens of one KV head (16 rows each: the G heads of 16/G
+// tokens, or 16 heads of one token per chunk when G >= 16, so small groups still fill the m16
+// tensor-core tile). Neighbouring tokens select mostly the same blocks, so the CTA walks the
+// union of its tokens' blocks in ascending order, loads each block's K/V tiles once for all its
+// warps, and prefetches the next block's first tiles while the current ones are multiplied
+// (two buffer sets of two 32-key tiles). A warp multiplies a tile only if one of its tokens
+// selected the block; rows of tokens that did not are masked.
 #pragma once
 
-#include "sparse_attn_common.cuh"
+#include <climits>
+
+#include "attn_fwd_tile.cuh"
 
 namespace nsa {
 namespace sparse_detail {
 
 template <int kHeadDim, int kHeadDimV>
-struct FwdConfig {
-  static constexpr int kWarps = kHeadDim <= 128 ? 4 : 2;
+struct SelFwdConfig {
+  static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLdQK = kHeadDim + 8;  // padded smem rows: conflict-free fragment loads
   static constexpr int kLdV = kHeadDimV + 8;
-  static constexpr int kSmemElemsPerWarp = kRows * kLdQK + kBlockN * kLdQK + kBlockN * kLdV;
-  static constexpr int kSmemBytes = kWarps * kSmemElemsPerWarp * 2;
+  static constexpr int kTilesPerSet = kHeadDim <= 192 ? 2 : 1;  // 64 keys = one block of l' = 64
+  static constexpr int kTileElems = kBlockN * kLdQK + kBlockN * kLdV;
+  static constexpr int kSmemBytes =
+      (kWarps * kRows * kLdQK + 2 * kTilesPerSet * kTileElems) * 2 + 2 * kWarps * static_cast<int>(sizeof(int));
 };
 
 template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(FwdConfig<kHeadDim, kHeadDimV>::kThreads)
+__global__ void __launch_bounds__(SelFwdConfig<kHeadDim, kHeadDimV>::kThreads)
     sparse_attn_fwd_kernel(const AttnParams p) {
-  using Cfg = FwdConfig<kHeadDim, kHeadDimV>;
+  using Cfg = SelFwdConfig<kHeadDim, kHeadDimV>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane >> 2, tig = lane & 3;
-  T* sQ = reinterpret_cast<T*>(smem_raw) + warp * Cfg::kSmemElemsPerWarp;
-  T* sK = sQ + kRows * Cfg::kLdQK;
-  T* sV = sK + kBlockN * Cfg::kLdQK;
+  T* sQ = reinterpret_cast<T*>(smem_raw) + warp * kRows * Cfg::kLdQK;
+  T* sSets = reinterpret_cast<T*>(smem_raw) + Cfg::kWarps * kRows * Cfg::kLdQK;
+  int* s_next = reinterpret_cast<int*>(sSets + 2 * Cfg::kTilesPerSet * Cfg::kTileElems);  // [2][kWarps]
 
   const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
   Group gr;
-  if (!group_of(p, rm.tokens, static_cast<index_t>(blockIdx.x) * Cfg::kWarps + warp, gr)) return;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
+  const int lp = p.sel_block;
+  const int tiles_per_block = lp / kBlockN;
 
   Pass ps;
-  for (int pb = 0; next_pass(p, rm.tokens, gr, pb, 0, ps); pb = ps.p_end) {
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
     const int b = ps.b;
-    const index_t row_begin = ps.row_begin, t0 = ps.t0;
+    const index_t row_begin = ps.row_begin;
     const int seq_len = ps.seq_len;
+    const Pass wps = warp_pass(ps, warp, P);
+    const index_t t_last_cta = ps.t0 + ps.p_end - 1;
+    const int n_blocks_seq = (seq_len + lp - 1) / lp;
     const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
     const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
     const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
 
-    load_query_rows_async<T, kHeadDim>(sQ, Cfg::kLdQK, q, p.q_stride, rm, ps, lane);
-    mma::cp_async_commit();
-    mma::cp_async_wait_all();
-    __syncwarp();
+    // Lane i < P holds token slot i of this warp: its block list.
+    const bool lane_tok = lane >= wps.p_begin && lane < wps.p_end;
+    const int* list = nullptr;
+    if (lane_tok)
+      list = p.block_idx + (packed ? 0 : b * p.block_idx_stride.batch) + (row_begin + wps.t0 + lane) * p.block_idx_stride.row +
+             static_cast<index_t>(rm.g) * p.block_idx_stride.head;
+    // The next block of the CTA's union after `last`, and this warp's token mask for it. Lists
+    // need not be sorted; duplicates, negative and out-of-range entries are ignored. Called by
+    // every thread (one barrier); `parity` alternates the exchange slots between calls.
+    int parity = 0;
+    auto cta_next = [&](int last, unsigned& tokmask) {
+      int mine = INT_MAX;
+      if (lane_tok)
+        for (int i = 0; i < p.top_n; ++i) {
+          const int j = __ldg(list + i);
+          if (j > last && j < mine && j < n_blocks_seq) mine = j;
+        }
+      int jw = mine;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) jw = min(jw, __shfl_xor_sync(0xffffffffu, jw, off));
+      if (lane == 0) s_next[parity * Cfg::kWarps + warp] = jw;
+      __syncthreads();
+      int j = INT_MAX;
+#pragma unroll
+      for (int w = 0; w < Cfg::kWarps; ++w) j = min(j, s_next[parity * Cfg::kWarps + w]);
+      parity ^= 1;  // the other slots are free: every thread read them before this call's barrier
+      tokmask = __ballot_sync(0xffffffffu, lane_tok && mine == j);
+      return j;
+    };
+    // Work item = (block, first tile of a set of kTilesPerSet tiles); tiles past the CTA's last
+    // token or the sequence are never loaded.
+    auto set_tiles = [&](int j, int sub) {
+      const index_t s0 = static_cast<index_t>(j) * lp + static_cast<index_t>(sub) * kBlockN;
+      int n = min(Cfg::kTilesPerSet, tiles_per_block - sub);
+      const index_t end = min(static_cast<index_t>(seq_len), t_last_cta + 1);
+      while (n > 0 && s0 + static_cast<index_t>(n - 1) * kBlockN >= end) --n;
+      return n;
+    };
+    auto load_set = [&](int set, int j, int sub, int n) {
+      for (int x = 0; x < n; ++x) {
+        T* sK = sSets + (set * Cfg::kTilesPerSet + x) * Cfg::kTileElems;
+        T* sV = sK + kBlockN * Cfg::kLdQK;
+        const index_t s0 = static_cast<index_t>(j) * lp + static_cast<index_t>(sub + x) * kBlockN;
+        load_rows_cta<T, kHeadDim, kBlockN, Cfg::kThreads>(sK, Cfg::kLdQK, k, p.k_stride.row, row_begin, s0, seq_len, tid);
+        load_rows_cta<T, kHeadDimV, kBlockN, Cfg::kThreads>(sV, Cfg::kLdV, v, p.v_stride.row, row_begin, s0, seq_len, tid);
+      }
+    };
 
-    // Per-thread row state: rows gid and gid+8.
+    load_query_rows_async<T, kHeadDim>(sQ, Cfg::kLdQK, q, p.q_stride, rm, wps, lane);
+    mma::cp_async_commit();
+
     int row_tok[2];
     bool row_on[2];
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
       const int r = gid + ri * 8;
       row_tok[ri] = r / rm.heads;
-      row_on[ri] = r < rm.tokens * rm.heads && row_tok[ri] >= ps.p_begin && row_tok[ri] < ps.p_end;
+      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
     }
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float o_acc[kHeadDimV / 8][4];
 #pragma unroll
     for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
-    const bool selected = p.mode == AttnMode::kSelected;
 
-    walk_key_tiles(p, ps, rm.g, lane, [&](index_t s0, unsigned tokmask) {
-      load_rows_async<T, kHeadDim, kBlockN>(sK, Cfg::kLdQK, k, p.k_stride.row, row_begin, s0, seq_len, lane);
-      load_rows_async<T, kHeadDimV, kBlockN>(sV, Cfg::kLdV, v, p.v_stride.row, row_begin, s0, seq_len, lane);
-      mma::cp_async_commit();
-      mma::cp_async_wait_all();
-      __syncwarp();
-
-      float s_acc[4][4] = {};
-      gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, Cfg::kLdQK, sK, Cfg::kLdQK, gid, tig);
-
-      // Mask, online softmax (scores stay unscaled; scale folded into the exponent).
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const index_t t = t0 + row_tok[ri];
-        const bool tok_on = row_on[ri] && ((tokmask >> row_tok[ri]) & 1u);
-        const index_t lo = selected ? 0 : t - p.window + 1;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const index_t s = s0 + n * 8 + 2 * tig + e;
-            const bool ok = tok_on && s <= t && s >= lo && s < seq_len;
-            float& x = s_acc[n][ri * 2 + e];
-            x = ok ? x : -INFINITY;
-            mx = fmaxf(mx, x);
-          }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[ri], mx);
-        // All keys so far masked: keep everything at zero (no inf - inf).
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f((m_run[ri] - m_use) * scale_log2);
-        m_run[ri] = m_new;
-        float rs = 0.f;
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s_acc[n][ri * 2 + e];
-            x = exp2f((x - m_use) * scale_log2);
-            rs += x;
-          }
-        l_run[ri] = l_run[ri] * alpha + rs;
-#pragma unroll
-        for (int n = 0; n < kHeadDimV / 8; ++n) {
-          o_acc[n][ri * 2] *= alpha;
-          o_acc[n][ri * 2 + 1] *= alpha;
+    // The walk: current item (j, sub, n tiles, mask) in buffer set `set`; the next item is
+    // found and its loads issued before the current one is multiplied.
+    unsigned mask = 0;
+    int j = cta_next(-1, mask), sub = 0, set = 0;
+    int n = j == INT_MAX ? 0 : set_tiles(j, 0);
+    while (j != INT_MAX && n == 0) {  // blocks wholly after the CTA's tokens hold no key
+      j = cta_next(j, mask);
+      n = j == INT_MAX ? 0 : set_tiles(j, 0);
+    }
+    if (n > 0) load_set(set, j, sub, n);
+    mma::cp_async_commit();
+    while (n > 0) {
+      int nj = j, nsub = sub + Cfg::kTilesPerSet, nn = 0;
+      unsigned nmask = mask;
+      if (nsub < tiles_per_block) nn = set_tiles(nj, nsub);
+      while (nn == 0) {
+        nj = cta_next(nj, nmask);
+        if (nj == INT_MAX) break;
+        nsub = 0;
+        nn = set_tiles(nj, 0);
+      }
+      if (nn > 0) {
+        load_set(set ^ 1, nj, nsub, nn);
+        mma::cp_async_commit();
+        cp_async_wait_one();
+      } else {
+        mma::cp_async_wait_all();
+      }
+      __syncthreads();
+      if (mask != 0) {
+        for (int x = 0; x < n; ++x) {
+          const T* sK = sSets + (set * Cfg::kTilesPerSet + x) * Cfg::kTileElems;
+          const T* sV = sK + kBlockN * Cfg::kLdQK;
+          const index_t s0 = static_cast<index_t>(j) * lp + static_cast<index_t>(sub + x) * kBlockN;
+          fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, s0, scale_log2, m_run, l_run, o_acc, gid,
+                                           tig, [&](int ri, index_t s) {
+                                             const index_t t = wps.t0 + row_tok[ri];
+                                             return row_on[ri] && ((mask >> row_tok[ri]) & 1u) && s <= t && s < seq_len;
+                                           });
         }
       }
-      gemm_16x32_regs_nn<T, kHeadDimV>(o_acc, s_acc, sV, Cfg::kLdV, gid, tig);  // O += P V
-      __syncwarp();  // the next step overwrites sK / sV
-    });
-
-    // ---- epilogue: normalise, write o and lse ----
-    T* o = static_cast<T*>(p.o) + (packed ? 0 : b * p.o_stride.batch);
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      float l = l_run[ri];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      if (!row_on[ri]) continue;
-      const int r = gid + ri * 8;
-      const index_t t = t0 + row_tok[ri];
-      const int hq = rm.head0 + r % rm.heads;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* orow = o + (row_begin + t) * p.o_stride.row + static_cast<index_t>(hq) * p.o_stride.head;
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n)
-        *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * tig) =
-            mma::pack2<T>(o_acc[n][ri * 2] * inv, o_acc[n][ri * 2 + 1] * inv);
-      if (tig == 0)
-        p.lse[(packed ? 0 : b * p.lse_batch_stride) + (row_begin + t) * p.lse_row_stride + hq] =
-            l > 0.f ? m_run[ri] * p.scale + logf(l) : -INFINITY;
+      __syncthreads();  // the next iteration's loads overwrite this set
+      j = nj;
+      sub = nsub;
+      n = nn;
+      mask = nmask;
+      set ^= 1;
     }
+    mma::cp_async_wait_all();  // no blocks: the q rows are still in flight
     __syncwarp();
+
+    fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
+    __syncthreads();  // sQ and the buffer sets are reused by the next pass
   }
 }
 

@@ -9,7 +9,7 @@ namespace nsa {
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = sparse_detail::FwdConfig<kHeadDim, kHeadDimV>;
+  using Cfg = sparse_detail::SelFwdConfig<kHeadDim, kHeadDimV>;
   constexpr int kRows = sparse_detail::kRows;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
   if (p.mode == AttnMode::kSelected && (p.sel_block <= 0 || p.sel_block % sparse_detail::kBlockN != 0))
@@ -19,14 +19,15 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.mode == AttnMode::kWindow)
     return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
-  const int tokens = G >= kRows ? 1 : kRows / G;
+  const int tokens = (G >= kRows ? 1 : kRows / G) * Cfg::kWarps;  // per CTA
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
   const index_t items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
                                      : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
   if (items == 0) return Status{};
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
-  const dim3 grid(static_cast<unsigned>((items + Cfg::kWarps - 1) / Cfg::kWarps), static_cast<unsigned>(grid_y));
+  if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(grid_y));
   auto kernel = sparse_detail::sparse_attn_fwd_kernel<T, kHeadDim, kHeadDimV>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
