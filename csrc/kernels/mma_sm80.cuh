@@ -55,6 +55,20 @@ __device__ __forceinline__ uint32_t pack2(const T& lo, const T& hi) {
   return static_cast<uint32_t>(l) | (static_cast<uint32_t>(h) << 16);
 }
 
+// Four 8x8 16-bit matrices from shared memory: lanes 8i..8i+7 give the row addresses of matrix
+// i (16-byte aligned), and r[i] of lane l receives row l/4, columns 2(l%4)..+1 of matrix i, the
+// layout of one A / B fragment register. The .trans form delivers the transposed matrices.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
 // 16-byte asynchronous global -> shared copy (sm_80+); src_bytes = 0 writes zeros and reads
 // nothing (the source address must still be a valid pointer).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {

@@ -177,32 +177,42 @@ __device__ __forceinline__ void load_query_rows_async(T* dst, int ld, const T* b
 }
 
 // 16 x 32 product of a 16 x kDim A tile and a 32 x kDim B tile (both row-major in shared
-// memory, B read as "col": acc[n] += A * B[n*8 .. n*8+7]^T).
+// memory, B read as "col": acc[n] += A * B[n*8 .. n*8+7]^T). Fragments come from ldmatrix, so
+// both tiles need 16-byte aligned rows (ld a multiple of 8 elements). Lane l addresses row
+// l % 8 of matrix l / 8.
 template <typename T, int kDim>
 __device__ __forceinline__ void gemm_16x32_nt(float (&acc)[4][4], const T* sA, int lda, const T* sB, int ldb, int gid,
                                               int tig) {
+  const int lane = gid * 4 + tig, mat = lane >> 3, row8 = lane & 7;
+  // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+  const T* a_row = sA + ((mat & 1) * 8 + row8) * lda + (mat >> 1) * 8;
+  // B, per pair of 8-key tiles: (tile 0, k 0-7), (tile 0, k 8-15), (tile 1, k 0-7), (tile 1, k 8-15).
+  const T* b_row = sB + ((mat >> 1) * 8 + row8) * ldb + (mat & 1) * 8;
 #pragma unroll
   for (int k0 = 0; k0 < kDim; k0 += 16) {
     uint32_t a[4];
-    a[0] = *reinterpret_cast<const uint32_t*>(sA + gid * lda + k0 + 2 * tig);
-    a[1] = *reinterpret_cast<const uint32_t*>(sA + (gid + 8) * lda + k0 + 2 * tig);
-    a[2] = *reinterpret_cast<const uint32_t*>(sA + gid * lda + k0 + 8 + 2 * tig);
-    a[3] = *reinterpret_cast<const uint32_t*>(sA + (gid + 8) * lda + k0 + 8 + 2 * tig);
+    mma::ldmatrix_x4(a, a_row + k0);
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      uint32_t bb[2];
-      bb[0] = *reinterpret_cast<const uint32_t*>(sB + (n * 8 + gid) * ldb + k0 + 2 * tig);
-      bb[1] = *reinterpret_cast<const uint32_t*>(sB + (n * 8 + gid) * ldb + k0 + 8 + 2 * tig);
-      mma::m16n8k16<T>(acc[n], a, bb);
+    for (int np = 0; np < 2; ++np) {
+      uint32_t bq[4];
+      mma::ldmatrix_x4(bq, b_row + np * 16 * ldb + k0);
+      const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+      mma::m16n8k16<T>(acc[2 * np], a, b0);
+      mma::m16n8k16<T>(acc[2 * np + 1], a, b1);
     }
   }
 }
 
 // acc[16 x kDimOut] += P (16 x 32, in the C-fragment registers of a 16x32 product) * B, B a
-// 32 x kDimOut row-major shared tile (the k dimension runs over B's rows).
+// 32 x kDimOut row-major shared tile (the k dimension runs over B's rows; 16-byte aligned rows).
+// B fragments come from ldmatrix.trans: per pair of 8-column tiles, matrices (k 0-7, tile 0),
+// (k 8-15, tile 0), (k 0-7, tile 1), (k 8-15, tile 1).
 template <typename T, int kDimOut>
 __device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4], const float (&pf)[4][4],
                                                    const T* sB, int ldb, int gid, int tig) {
+  static_assert(kDimOut % 16 == 0, "pairs of 8-column tiles");
+  const int lane = gid * 4 + tig, mat = lane >> 3, row8 = lane & 7;
+  const T* b_row = sB + ((mat & 1) * 8 + row8) * ldb + (mat >> 1) * 8;
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk) {
     uint32_t a[4];
@@ -210,13 +220,13 @@ __device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4],
     a[1] = mma::pack2<T>(pf[2 * kk][2], pf[2 * kk][3]);
     a[2] = mma::pack2<T>(pf[2 * kk + 1][0], pf[2 * kk + 1][1]);
     a[3] = mma::pack2<T>(pf[2 * kk + 1][2], pf[2 * kk + 1][3]);
-    const T* b0 = sB + (kk * 16 + 2 * tig) * ldb + gid;
 #pragma unroll
-    for (int n = 0; n < kDimOut / 8; ++n) {
-      uint32_t bb[2];
-      bb[0] = mma::pack2<T>(b0[n * 8], b0[ldb + n * 8]);
-      bb[1] = mma::pack2<T>(b0[8 * ldb + n * 8], b0[9 * ldb + n * 8]);
-      mma::m16n8k16<T>(acc[n], a, bb);
+    for (int np = 0; np < kDimOut / 16; ++np) {
+      uint32_t bq[4];
+      mma::ldmatrix_x4_trans(bq, b_row + kk * 16 * ldb + np * 16);
+      const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+      mma::m16n8k16<T>(acc[2 * np], a, b0);
+      mma::m16n8k16<T>(acc[2 * np + 1], a, b1);
     }
   }
 }
