@@ -39,13 +39,8 @@ both still rising). The ``cpu-smoke`` preset is a smoke test of the whole pipeli
 converged run. The ``gpu`` preset has not been run on a GPU yet: its step count and learning
 rate are a starting point, not a tuned result.
 
-Status on CUDA: the CUDA kernels for compressed attention and block selection are not
-implemented yet (issue 4, "Compressed attention and fused block scoring + top-k selection on the
-GPU"): by default those ops raise ``NotImplementedError`` on CUDA, so NSA trains on the CPU only.
-On CUDA the example detects this on the first NSA step, says so, and continues with full
-attention alone (or exits with status 2 when only NSA was asked for). Experimental versions of
-those kernels, not yet run on a GPU, are used when ``NSA_CUDA_EXPERIMENTAL=1`` is set; the
-example then says that its NSA numbers come from unverified kernels.
+On CUDA every NSA op runs on the library's kernels. ``--time-limit SECONDS`` bounds each
+attention's training time (the run stops at the first evaluation past it).
 """
 from __future__ import annotations
 
@@ -107,18 +102,9 @@ HELP = dict(
     eval_size="held-out sequences",
 )
 
-NSA_CUDA_NOTE = ("NSA is not available on CUDA in this build: the CUDA kernels for compressed attention and "
-                 "block selection are not implemented yet (the ops raise NotImplementedError on CUDA until issue 4, "
-                 "'Compressed attention and fused block scoring + top-k selection on the GPU', lands; experimental "
-                 "versions, not yet run on a GPU, are used only with NSA_CUDA_EXPERIMENTAL=1). NSA runs on the "
-                 "CPU today.")
-NSA_EXPERIMENTAL_NOTE = ("NSA_CUDA_EXPERIMENTAL=1: NSA on CUDA uses the EXPERIMENTAL compressed-attention and "
-                         "selection kernels, which have not passed their GPU tests yet; treat its NSA numbers as "
-                         "unverified.")
+NSA_CUDA_NOTE = ("NSA could not run on this device in this build (an NSA op raised NotImplementedError, e.g. a "
+                 "dtype or head dim left out by NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS).")
 
-
-def experimental_cuda_nsa(a) -> bool:
-    return a.device == "cuda" and a.attention != "full" and os.environ.get("NSA_CUDA_EXPERIMENTAL", "")[:1] == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +311,10 @@ def train_one(attention: str, a, task: RecallTask, eval_set, log=print) -> RunRe
             if res.step_target is None and acc >= a.target_acc:
                 res.step_target, res.time_target_s = step, elapsed
             log(f"{step:>7} {row['lr']:>9.2e} {train_loss:>11.4f} {eval_loss:>10.4f} {acc:>9.3f} {elapsed:>8.1f}")
+            if a.time_limit > 0 and elapsed >= a.time_limit:
+                break
     sync(device)
-    res.steps = a.steps
+    res.steps = step
     res.wall_s = time.perf_counter() - t0
     res.train_s = res.wall_s - eval_s
     return res
@@ -444,8 +432,6 @@ def write_outputs(results: Dict[str, RunResult], a, task: RecallTask, argv: List
     ]
     if skipped:
         lines += ["", f"**Note:** {NSA_CUDA_NOTE} The NSA run was skipped."]
-    if experimental_cuda_nsa(a):
-        lines += ["", f"**Note:** {NSA_EXPERIMENTAL_NOTE}"]
     lines += ["", "## Summary", "", format_md(summary_table(results, a, task))]
     if any(r.history for r in results.values()):
         lines += ["", "## Curves (train loss: mean since the previous row; eval: held-out set)", "",
@@ -504,6 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, CSV and plot")
     p.add_argument("--target-acc", type=float, default=0.9, help="report the first step reaching this accuracy")
     p.add_argument("--no-files", action="store_true", help="write nothing under --out")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop each attention's training after this many seconds (0: run all steps)")
     for k, v in PRESETS["gpu"].items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=None, help=HELP[k])
     a = p.parse_args(argv)
@@ -543,8 +531,6 @@ def main(argv=None) -> dict:
           f"({a.heads} heads, {a.kv_heads} KV heads, head dim {a.head_dim}); NSA cmp {a.cmp_block}/{a.cmp_stride}, "
           f"sel {a.sel_block} x {a.top_n}, window {a.window}; seed {a.seed}"
           + (f"; torch threads {torch.get_num_threads()}" if a.device == "cpu" else "; bf16 autocast"))
-    if experimental_cuda_nsa(a):
-        print(f"!! {NSA_EXPERIMENTAL_NOTE}")
     results = run(a)
 
     print("\n== loss / accuracy ==")
