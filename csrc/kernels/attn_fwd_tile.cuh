@@ -8,11 +8,11 @@
 namespace nsa {
 namespace sparse_detail {
 
-// One 32-key tile: S = Q K^T, keys with !keep(ri, s) masked, online-softmax rescale, O += P V.
-// Scores stay unscaled; the scale is folded into the exponent.
+// One 32-key tile: S = Q K^T, keys with !keep(ri, kk) masked (kk: key offset inside the tile,
+// so masks are 32-bit compares), online-softmax rescale, O += P V. Scores stay unscaled; the
+// scale is folded into the exponent.
 template <typename T, int kHeadDim, int kHeadDimV, class Keep>
-__device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, const T* sV, int ldv, index_t s0,
-                                         float scale_log2, float (&m_run)[2], float (&l_run)[2],
+__device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, const T* sV, int ldv, float scale_log2, float (&m_run)[2], float (&l_run)[2],
                                          float (&o_acc)[kHeadDimV / 8][4], int gid, int tig, Keep&& keep) {
   float s_acc[4][4] = {};
   gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, ldq, sK, ldq, gid, tig);
@@ -23,9 +23,8 @@ __device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, cons
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const index_t s = s0 + n * 8 + 2 * tig + e;
         float& x = s_acc[n][ri * 2 + e];
-        x = keep(ri, s) ? x : -INFINITY;
+        x = keep(ri, n * 8 + 2 * tig + e) ? x : -INFINITY;
         mx = fmaxf(mx, x);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -108,6 +107,13 @@ __device__ __forceinline__ void load_rows_cta(T* dst, int ld, const T* base, ind
     const bool on = s >= 0 && s < n_rows;
     mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
   }
+}
+
+// Offset of key x relative to a tile starting at s0, clamped to [-1, kBlockN + 1] so that
+// in-tile compares can be 32-bit.
+__device__ __forceinline__ int tile_offset(index_t x, index_t s0) {
+  const index_t r = x - s0;
+  return r < -1 ? -1 : (r > kBlockN + 1 ? kBlockN + 1 : static_cast<int>(r));
 }
 
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }

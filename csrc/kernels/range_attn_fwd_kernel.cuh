@@ -126,8 +126,12 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
       if (warp_on && s0 < w_hi && s0 + kBlockN > w_lo) {
         const T* sK = sStage + (it & 1) * Cfg::kStageElems;
         const T* sV = sK + kBlockN * Cfg::kLdQK;
-        fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, s0, scale_log2, m_run, l_run, o_acc, gid,
-                                         tig, [&](int ri, index_t s) { return s >= row_lo[ri] && s < row_hi[ri]; });
+        const int lo0 = tile_offset(row_lo[0], s0), hi0 = tile_offset(row_hi[0], s0);
+        const int lo1 = tile_offset(row_lo[1], s0), hi1 = tile_offset(row_hi[1], s0);
+        fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, scale_log2, m_run, l_run, o_acc, gid, tig,
+                                         [&](int ri, int kk) {
+                                           return ri == 0 ? kk >= lo0 && kk < hi0 : kk >= lo1 && kk < hi1;
+                                         });
       }
       __syncthreads();  // the next iteration's load overwrites this stage
     }

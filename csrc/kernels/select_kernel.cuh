@@ -181,6 +181,26 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
       }
     };
 
+    // Rows of the current chunk: visible keys and lse (log2 units; +inf for rows that are off).
+    index_t row_nv[2];
+    float row_lse[2];
+    auto row_state = [&](int chunk) {
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int r = gid + ri * 8;
+        const int tok = r / sh.heads, h = chunk * kRows + r % sh.heads;
+        const bool on = r < sh.tokens * sh.heads && h < G && tok >= ps.p_begin && tok < ps.p_end;
+        row_nv[ri] = 0;
+        row_lse[ri] = INFINITY;
+        if (on) {
+          row_nv[ri] = num_visible(t0 + tok, nc, l, d);
+          const float x = sp.lse[lse_b + (row_begin + t0 + tok) * sp.lse_row_stride + g * G + h];
+          row_lse[ri] = x == -INFINITY ? INFINITY : x * kLog2e;
+        }
+      }
+    };
+    row_state(0);
+    const bool pow2_heads = (sh.heads & (sh.heads - 1)) == 0;
     const index_t nvis_cta = num_visible(cps.t0 + cps.p_end - 1, nc, l, d);
     const index_t nvis_warp = warp_on ? num_visible(t0 + ps.p_end - 1, nc, l, d) : 0;
     const int n_tiles = static_cast<int>((nvis_cta + kSelectTileKeys - 1) / kSelectTileKeys);
@@ -210,39 +230,62 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
       for (int chunk = 0; chunk < sh.chunks; ++chunk) {
         float acc[4][4] = {};
         gemm_16x32_nt<T, kHeadDim>(acc, sQ + chunk * kRows * kLd, kLd, sK, kLd, gid, tig);
+        if (chunk > 0) row_state(chunk);
+        // P = exp(scale S - lse) of the keys the row's token sees (32-bit offsets in the tile).
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) {
-          const int r = gid + ri * 8;
-          const int tok = r / sh.heads, h = chunk * kRows + r % sh.heads;
-          const bool on = r < sh.tokens * sh.heads && h < G && tok >= ps.p_begin && tok < ps.p_end;
-          index_t nv = 0;
-          float lse_l2 = INFINITY;
-          if (on) {
-            nv = num_visible(t0 + tok, nc, l, d);
-            const float x = sp.lse[lse_b + (row_begin + t0 + tok) * sp.lse_row_stride + g * G + h];
-            lse_l2 = x == -INFINITY ? INFINITY : x * kLog2e;
-          }
+          const int vis = static_cast<int>(min(row_nv[ri] - s0, static_cast<index_t>(kSelectTileKeys)));
 #pragma unroll
           for (int nn = 0; nn < 4; ++nn)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int kk = nn * 8 + 2 * tig + e;
-              const float x = acc[nn][ri * 2 + e];
-              sS[r * kLdS + kk] = s0 + kk < nv ? exp2f(x * scale_log2 - lse_l2) : 0.f;
+              float& x = acc[nn][ri * 2 + e];
+              x = nn * 8 + 2 * tig + e < vis ? exp2f(x * scale_log2 - row_lse[ri]) : 0.f;
             }
         }
-        __syncwarp();
         // Heads of a token summed in a fixed order (reproducible selection); chunks of one
-        // token (G > 16) add up in chunk order.
-        for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
-          const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
-          float sum = chunk == 0 ? 0.f : sP[w];
-          for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
-          sP[w] = sum;
+        // token (G > 16) add up in chunk order. Power-of-two head counts sum in registers: the
+        // heads of a token are the rows of consecutive gid (and both halves when 16).
+        if (pow2_heads) {
+          const int span = min(sh.heads, 8);  // row groups summed by shuffles
+#pragma unroll
+          for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float lo = acc[nn][e], hi = acc[nn][2 + e];
+              if (sh.heads == 16) lo += hi;
+              for (int off = 4; off < 4 * span; off <<= 1) {
+                lo += __shfl_xor_sync(0xffffffffu, lo, off);
+                hi += __shfl_xor_sync(0xffffffffu, hi, off);
+              }
+              if (gid % span == 0) {
+                const int kk = nn * 8 + 2 * tig + e;
+                const int tok_lo = gid / sh.heads, tok_hi = (gid + 8) / sh.heads;
+                float* d_lo = sP + tok_lo * kSelectTileKeys + kk;
+                *d_lo = (chunk == 0 ? 0.f : *d_lo) + lo;
+                if (sh.heads < 16) sP[tok_hi * kSelectTileKeys + kk] = hi;  // one chunk when heads < 16
+              }
+            }
+          __syncwarp();
+        } else {
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
+            for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) sS[(gid + ri * 8) * kLdS + nn * 8 + 2 * tig + e] = acc[nn][ri * 2 + e];
+          __syncwarp();
+          for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
+            const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
+            float sum = chunk == 0 ? 0.f : sP[w];
+            for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
+            sP[w] = sum;
+          }
+          __syncwarp();
         }
-        __syncwarp();
       }
 
+      if (sh.chunks > 1) row_state(0);
       // 3. block sums: (token, block) pairs, ascending keys inside each.
       const int jlo = static_cast<int>(s0) * d / lp;
       for (int w = lane; w < sh.tokens * open_cap; w += 32) {

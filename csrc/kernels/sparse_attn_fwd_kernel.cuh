@@ -159,11 +159,16 @@ __global__ void __launch_bounds__(SelFwdConfig<kHeadDim, kHeadDimV>::kThreads)
           const T* sK = sSets + (set * Cfg::kTilesPerSet + x) * Cfg::kTileElems;
           const T* sV = sK + kBlockN * Cfg::kLdQK;
           const index_t s0 = static_cast<index_t>(j) * lp + static_cast<index_t>(sub + x) * kBlockN;
-          fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, s0, scale_log2, m_run, l_run, o_acc, gid,
-                                           tig, [&](int ri, index_t s) {
-                                             const index_t t = wps.t0 + row_tok[ri];
-                                             return row_on[ri] && ((mask >> row_tok[ri]) & 1u) && s <= t && s < seq_len;
-                                           });
+          // keys [s0, min(t + 1, seq_len)) of a row whose token selected the block
+          int hi_rel[2];
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri) {
+            const index_t t = wps.t0 + row_tok[ri];
+            const bool sel = row_on[ri] && ((mask >> row_tok[ri]) & 1u);
+            hi_rel[ri] = sel ? tile_offset(min(t + 1, static_cast<index_t>(seq_len)), s0) : 0;
+          }
+          fwd_tile<T, kHeadDim, kHeadDimV>(sQ, Cfg::kLdQK, sK, sV, Cfg::kLdV, scale_log2, m_run, l_run, o_acc, gid, tig,
+                                           [&](int ri, int kk) { return kk < hi_rel[ri]; });
         }
       }
       __syncthreads();  // the next iteration's loads overwrite this set
