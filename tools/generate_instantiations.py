@@ -29,6 +29,8 @@ HEADDIM_FAMILIES = [
      "template Status run_cmp_attn_bwd<{T}, {D}, {DV}>(const AttnBwdParams&, cudaStream_t);"),
     ("select_blocks", "select_launch.cuh",
      "template Status run_select_blocks<{T}, {D}>(const SelectParams&, cudaStream_t);"),
+    ("decode_fwd", "decode_launch.cuh",
+     "template Status run_decode_fwd<{T}, {D}, {DV}>(const DecodeParams&, const DecodePlan&, void*, cudaStream_t);"),
 ]
 
 # Families instantiated per dtype only: (file stem, launch header, instantiation with {T})

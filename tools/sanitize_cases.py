@@ -48,6 +48,19 @@ def main() -> None:
         nsa_cuda.select_blocks(qp, kp, lse, top_n=2)
     torch.cuda.synchronize()
     print("sanitize cases done")
+    # decode: one step against a cache, ragged lengths (incl. 0, < cmp_block, more blocks than
+    # top_n so the radix selection runs), G = 1, 4, 16
+    lens_d = torch.tensor([0, 1, 20, 130, 300], dtype=torch.int32, device="cuda")
+    for G in (1, 4, 16):
+        for D in (64, 128):
+            qd = torch.randn(5, 2 * G, D, device="cuda", dtype=torch.bfloat16)
+            kd = torch.randn(5, 320, 2, D, device="cuda", dtype=torch.bfloat16)
+            vd = torch.randn(5, 320, 2, D, device="cuda", dtype=torch.bfloat16)
+            gd = [torch.rand(5, 2 * G, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+            nsa_cuda.decode(qd, kd, vd, nsa_cuda.compress(kd), nsa_cuda.compress(vd), lens_d, *gd, top_n=3,
+                            window=64)
+    torch.cuda.synchronize()
+    print("decode sanitize cases done")
 
 
 if __name__ == "__main__":

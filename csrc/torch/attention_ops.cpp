@@ -1,7 +1,6 @@
 // nsa_cuda attention ops (DESIGN.md §1.2-§1.8): cmp_attn_fwd/bwd, select_blocks,
-// sel_attn_fwd/bwd, win_attn_fwd/bwd, decode_fwd (CPU implementations; CUDA registrations
-// validate and then report the kernel as not implemented yet), and combine_fwd/bwd (ATen code,
-// registered for CPU and CUDA).
+// sel_attn_fwd/bwd, win_attn_fwd/bwd, decode_fwd (CPU implementations and CUDA kernels), and
+// combine_fwd/bwd (ATen code, registered for CPU and CUDA).
 //
 // Every op validates its arguments in one prepare_* function shared by the CPU and CUDA
 // registrations: bad input raises TypeError (dtype) or ValueError (everything else) naming
@@ -21,12 +20,14 @@
 #include "../kernels/attention.h"
 #include "../kernels/cpu/attention_cpu.h"
 #include "checks.h"
+#include "combine_ops.h"
 
 #ifdef NSA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "../kernels/cmp_attn.h"
+#include "../kernels/decode.h"
 #include "../kernels/sparse_attn.h"
 #endif
 
@@ -515,6 +516,9 @@ void prepare_combine(const Tensor& o_cmp, const Tensor& o_slc, const Tensor& o_w
 Tensor combine_fwd(const Tensor& o_cmp, const Tensor& o_slc, const Tensor& o_win, const Tensor& g_cmp,
                    const Tensor& g_slc, const Tensor& g_win) {
   prepare_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, nullptr, kCombineFwd);
+#ifdef NSA_WITH_CUDA
+  if (combine_cuda_applies(o_cmp)) return combine_fwd_cuda(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, kCombineFwd);
+#endif
   const auto ct = cpu_compute_type(o_cmp.scalar_type());
   const Tensor o = g_cmp.to(ct).unsqueeze(-1).mul(o_cmp.to(ct))
                        .add(g_slc.to(ct).unsqueeze(-1).mul(o_slc.to(ct)))
@@ -527,6 +531,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> combine_bwd(const Ten
                                                                        const Tensor& g_cmp, const Tensor& g_slc,
                                                                        const Tensor& g_win) {
   prepare_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, &dout, kCombineBwd);
+#ifdef NSA_WITH_CUDA
+  if (combine_cuda_applies(o_cmp))
+    return combine_bwd_cuda(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, kCombineBwd);
+#endif
   const auto ct = cpu_compute_type(o_cmp.scalar_type());
   const auto st = o_cmp.scalar_type();
   const Tensor d = to_compute(dout, ct);
@@ -675,10 +683,9 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA: same validation, then "not implemented yet" until the kernels land.
+// CUDA: same validation, then the kernels (16-byte aligned copies of misaligned inputs).
 
 #ifdef NSA_WITH_CUDA
-constexpr const char* kFeatDecode = "decoding (issue: inference KV cache and decode kernel)";
 
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                              int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
@@ -857,8 +864,40 @@ Tensor decode_fwd_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                        int64_t top_n, int64_t init_blocks, int64_t local_blocks, int64_t window) {
   prepare_decode(q, k_cache, v_cache, k_cmp_cache, v_cmp_cache, cache_seqlens, g_cmp, g_slc, g_win, scale, cmp_block,
                  cmp_stride, sel_block, top_n, init_blocks, local_blocks, window, false);
-  NSA_CUDA_NOT_IMPLEMENTED(kDecode, kFeatDecode);
-  return {};
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Tensor qa = aligned16(q), kca = aligned16(k_cache), vca = aligned16(v_cache), kcc = aligned16(k_cmp_cache),
+               vcc = aligned16(v_cmp_cache), csl = cache_seqlens.contiguous();
+  // The kernel reads the three gates with one batch stride and contiguous heads (the module's
+  // gates are views of one [B, n, 3, HQ] tensor and qualify as they are).
+  const int64_t B = q.size(0), HQ = q.size(1);
+  auto gate_ok = [&](const Tensor& t) {
+    return (HQ == 1 || t.stride(1) == 1) && (B == 1 || t.stride(0) == g_cmp.stride(0));
+  };
+  const bool gates_direct = gate_ok(g_cmp) && gate_ok(g_slc) && gate_ok(g_win);
+  const Tensor gc = gates_direct ? g_cmp : g_cmp.contiguous(), gs = gates_direct ? g_slc : g_slc.contiguous(),
+               gw = gates_direct ? g_win : g_win.contiguous();
+  auto a = prepare_decode(qa, kca, vca, kcc, vcc, csl, gc, gs, gw, scale, cmp_block, cmp_stride, sel_block, top_n,
+                          init_blocks, local_blocks, window, false);
+  auto& p = a.params;
+  p.g_cmp = gc.data_ptr();
+  p.g_slc = gs.data_ptr();
+  p.g_win = gw.data_ptr();
+  p.g_batch_stride = B == 1 ? 0 : gc.stride(0);
+  TORCH_CHECK_VALUE(sel_block <= INT32_MAX / 2 && cmp_block <= INT32_MAX / 2, kDecode,
+                    ": 'sel_block' and 'cmp_block' must be below 2^30 on CUDA");
+  Tensor o = at::empty(a.out_shape, q.options().memory_format(at::MemoryFormat::Contiguous));
+  p.o = o.data_ptr();
+  p.o_batch_stride = o.stride(0);
+  p.o_head_stride = o.stride(1);
+  if (o.numel() == 0) return o;
+  // Scratch of a size fixed by the shapes, from the caching allocator on the current stream
+  // (inside a CUDA graph capture: the graph's pool), so the op stays capturable.
+  const size_t ws_bytes = nsa::decode_workspace_bytes(p);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  check_kernel_status(nsa::decode_fwd_cuda(p, nsa_dtype(q.scalar_type()), ws.data_ptr(), ws_bytes,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+                      kDecode);
+  return o;
 }
 #endif
 

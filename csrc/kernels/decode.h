@@ -1,0 +1,67 @@
+// One NSA decoding step on the GPU (DESIGN.md §1.8), torch-free: the newest token of each
+// sequence against its KV cache and compressed KV cache, all three branches and the gates.
+//
+// Flash-decoding over four kernels, so that one long sequence still fills the GPU:
+//   1. partials   grid (splits_cmp + splits_win, H * head_chunks, B): each CTA attends the 16
+//                 query heads of one (b, KV head) chunk to one slice of the compressed keys or
+//                 of the sliding window (mma.sync, K/V rows read once for all heads), writes an
+//                 unnormalised partial (o, max, sum); compressed slices also write per-head
+//                 partial block scores (§1.3, relative to the slice's max);
+//   2. select     grid (H, B): merges the compressed lse of the group's G heads, sums the
+//                 partial block scores into S[j], forces init / local blocks and takes the
+//                 top-n by an exact radix select (ties to the lower block, §1.4);
+//   3. selected   grid (splits_slc, H * head_chunks, B): attention over slices of the
+//                 selected blocks, partials as in 1;
+//   4. combine    grid (HQ, B): merges each branch's partials and applies the gates.
+// Every grid size comes from shapes (B, S, Sc, heads, hyper-parameters, SM count), never from
+// cache_seqlens, and nothing waits on the host: the step can be captured in a CUDA graph.
+// Scratch comes from the caller (decode_workspace_bytes); every slot read is written first.
+#pragma once
+
+#include <cstddef>
+
+#include "attention.h"
+
+#if defined(__CUDACC__) || defined(NSA_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace nsa {
+
+constexpr int kDecodeRows = 16;       // query heads per attention CTA (one m16 tile)
+constexpr int kDecodeTile = 32;       // keys per tile
+constexpr int kDecodeMaxChunk = 512;  // compressed tokens per split at most (bounds a CTA's score buffer)
+
+// Work split and scratch layout of one decode call; a pure function of the shapes.
+struct DecodePlan {
+  int G = 0, head_chunks = 0;           // query heads per KV head; CTAs of <= 16 heads per group
+  int splits_cmp = 0, chunk_cmp = 0;    // compressed tokens per split (multiple of 32)
+  int splits_win = 0, chunk_win = 0;    // window keys per split (multiple of 32)
+  int splits_slc = 0, blocks_per_slc = 0;
+  int splits = 0;                       // all partial slots of one (b, query head)
+  int nbc = 0;                          // block-score slots per (compressed split, head)
+  int nb_max = 0;                       // ceil(S / sel_block): blocks a sequence can have
+  // byte offsets into the workspace
+  size_t off_o = 0;      // fp32 [B, HQ, splits, Dv]   unnormalised partial outputs
+  size_t off_ml = 0;     // fp32 [B, HQ, splits, 2]    (max of raw q.k, sum of exp) per partial
+  size_t off_bs = 0;     // fp32 [B, H, splits_cmp, G, nbc]  partial block scores
+  size_t off_score = 0;  // fp32 [B, H, nb_max]        block scores S[j]
+  size_t off_sel = 0;    // int32 [B, H, top_n]        selected blocks, ascending, -1 padded
+  size_t bytes = 0;
+};
+
+// Plan for `num_sms` multiprocessors (num_sms <= 0: the current device's count).
+DecodePlan decode_plan(const DecodeParams& p, int num_sms = 0);
+size_t decode_workspace_bytes(const DecodeParams& p);
+
+// o [B, HQ, Dv] of the step. Head dims (Dk, Dv) in {(64,64), (128,128), (192,128), (256,256)};
+// q, k/v caches, compressed caches 16-byte aligned rows (last dim contiguous); gates [B, HQ]
+// with heads contiguous. `workspace` holds at least decode_workspace_bytes(p) bytes (no
+// initialisation needed). Enqueues on `stream`, never synchronises.
+Status decode_fwd_cuda(const DecodeParams& p, DType dtype, void* workspace, size_t workspace_bytes,
+                       cudaStream_t stream);
+
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_decode_fwd(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream);
+
+}  // namespace nsa
+#endif
