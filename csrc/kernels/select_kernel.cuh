@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
         if (j_done > my_tblk + 1) j_done = my_tblk + 1;
         finalise_until(static_cast<int>(j_done));
       }
+      __syncwarp();     // reconverge the token lanes before the CTA barrier
       __syncthreads();  // the next iteration's load overwrites this stage
     }
     mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
@@ -341,6 +342,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
                  (row_begin + t0 + tok) * sp.block_idx_stride.row + static_cast<index_t>(g) * sp.block_idx_stride.head;
       for (int a = lane; a < n; a += 32) out[a] = a < cnt ? top_id[tok * n + a] : -1;
     }
+    __syncwarp();
     __syncthreads();  // the next pass reuses the stages
   }
 }

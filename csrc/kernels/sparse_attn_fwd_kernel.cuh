@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(SelFwdConfig<kHeadDim, kHeadDimV>::kThreads)
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) jw = min(jw, __shfl_xor_sync(0xffffffffu, jw, off));
       if (lane == 0) s_next[parity * Cfg::kWarps + warp] = jw;
+      __syncwarp();
       __syncthreads();
       int j = INT_MAX;
 #pragma unroll
