@@ -70,8 +70,8 @@ def reference_rows(q, k, v, gates, k_cmp, v_cmp, block_idx, rows, scale):
 def check_rows(q, k, v, gates, o, block_idx, rows, do=None, dq=None):
     """Compare the kernels' o (and dq) on `rows` of one sequence with the per-row reference."""
     scale = q.shape[-1] ** -0.5
-    k_cmp = nsa_cuda.compress(k, block=HP["cmp_block"], stride=HP["cmp_stride"])
-    v_cmp = nsa_cuda.compress(v, block=HP["cmp_block"], stride=HP["cmp_stride"])
+    k_cmp = nsa_cuda.compress(k[None], block=HP["cmp_block"], stride=HP["cmp_stride"])[0]
+    v_cmp = nsa_cuda.compress(v[None], block=HP["cmp_block"], stride=HP["cmp_stride"])[0]
     o_ref, _, ref_idx, S, qr = reference_rows(q, k, v, gates, k_cmp, v_cmp, block_idx, rows, scale)
     for r, t in enumerate(rows):
         got, want = block_idx[t].long(), ref_idx[r].long()

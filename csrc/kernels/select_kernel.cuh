@@ -221,99 +221,99 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
       }
       __syncthreads();
       const index_t s0 = static_cast<index_t>(it) * kSelectTileKeys;
-      if (s0 >= nvis_warp) {  // this warp's tokens see no key of the tile (warp-uniform)
-        __syncthreads();
-        continue;
-      }
-      const T* sK = sStage + (it & 1) * kSelectTileKeys * kLd;
+      // Warps whose tokens see no key of the tile skip it, but every thread reaches the
+      // same barrier below.
+      if (s0 < nvis_warp) {
+        const T* sK = sStage + (it & 1) * kSelectTileKeys * kLd;
 
-      for (int chunk = 0; chunk < sh.chunks; ++chunk) {
-        float acc[4][4] = {};
-        gemm_16x32_nt<T, kHeadDim>(acc, sQ + chunk * kRows * kLd, kLd, sK, kLd, gid, tig);
-        if (chunk > 0) row_state(chunk);
-        // P = exp(scale S - lse) of the keys the row's token sees (32-bit offsets in the tile).
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          const int vis = static_cast<int>(min(row_nv[ri] - s0, static_cast<index_t>(kSelectTileKeys)));
-#pragma unroll
-          for (int nn = 0; nn < 4; ++nn)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = acc[nn][ri * 2 + e];
-              x = nn * 8 + 2 * tig + e < vis ? exp2f(x * scale_log2 - row_lse[ri]) : 0.f;
-            }
-        }
-        // Heads of a token summed in a fixed order (reproducible selection); chunks of one
-        // token (G > 16) add up in chunk order. Power-of-two head counts sum in registers: the
-        // heads of a token are the rows of consecutive gid (and both halves when 16).
-        if (pow2_heads) {
-          const int span = min(sh.heads, 8);  // row groups summed by shuffles
-#pragma unroll
-          for (int nn = 0; nn < 4; ++nn)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float lo = acc[nn][e], hi = acc[nn][2 + e];
-              if (sh.heads == 16) lo += hi;
-              for (int off = 4; off < 4 * span; off <<= 1) {
-                lo += __shfl_xor_sync(0xffffffffu, lo, off);
-                hi += __shfl_xor_sync(0xffffffffu, hi, off);
-              }
-              if (gid % span == 0) {
-                const int kk = nn * 8 + 2 * tig + e;
-                const int tok_lo = gid / sh.heads, tok_hi = (gid + 8) / sh.heads;
-                float* d_lo = sP + tok_lo * kSelectTileKeys + kk;
-                *d_lo = (chunk == 0 ? 0.f : *d_lo) + lo;
-                if (sh.heads < 16) sP[tok_hi * kSelectTileKeys + kk] = hi;  // one chunk when heads < 16
-              }
-            }
-          __syncwarp();
-        } else {
-#pragma unroll
-          for (int ri = 0; ri < 2; ++ri)
-#pragma unroll
+        for (int chunk = 0; chunk < sh.chunks; ++chunk) {
+          float acc[4][4] = {};
+          gemm_16x32_nt<T, kHeadDim>(acc, sQ + chunk * kRows * kLd, kLd, sK, kLd, gid, tig);
+          if (chunk > 0) row_state(chunk);
+          // P = exp(scale S - lse) of the keys the row's token sees (32-bit offsets in the tile).
+  #pragma unroll
+          for (int ri = 0; ri < 2; ++ri) {
+            const int vis = static_cast<int>(min(row_nv[ri] - s0, static_cast<index_t>(kSelectTileKeys)));
+  #pragma unroll
             for (int nn = 0; nn < 4; ++nn)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) sS[(gid + ri * 8) * kLdS + nn * 8 + 2 * tig + e] = acc[nn][ri * 2 + e];
-          __syncwarp();
-          for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
-            const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
-            float sum = chunk == 0 ? 0.f : sP[w];
-            for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
-            sP[w] = sum;
+  #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float& x = acc[nn][ri * 2 + e];
+                x = nn * 8 + 2 * tig + e < vis ? exp2f(x * scale_log2 - row_lse[ri]) : 0.f;
+              }
           }
-          __syncwarp();
+          // Heads of a token summed in a fixed order (reproducible selection); chunks of one
+          // token (G > 16) add up in chunk order. Power-of-two head counts sum in registers: the
+          // heads of a token are the rows of consecutive gid (and both halves when 16).
+          if (pow2_heads) {
+            const int span = min(sh.heads, 8);  // row groups summed by shuffles
+  #pragma unroll
+            for (int nn = 0; nn < 4; ++nn)
+  #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float lo = acc[nn][e], hi = acc[nn][2 + e];
+                if (sh.heads == 16) lo += hi;
+                for (int off = 4; off < 4 * span; off <<= 1) {
+                  lo += __shfl_xor_sync(0xffffffffu, lo, off);
+                  hi += __shfl_xor_sync(0xffffffffu, hi, off);
+                }
+                if (gid % span == 0) {
+                  const int kk = nn * 8 + 2 * tig + e;
+                  const int tok_lo = gid / sh.heads, tok_hi = (gid + 8) / sh.heads;
+                  float* d_lo = sP + tok_lo * kSelectTileKeys + kk;
+                  *d_lo = (chunk == 0 ? 0.f : *d_lo) + lo;
+                  if (sh.heads < 16) sP[tok_hi * kSelectTileKeys + kk] = hi;  // one chunk when heads < 16
+                }
+              }
+            __syncwarp();
+          } else {
+  #pragma unroll
+            for (int ri = 0; ri < 2; ++ri)
+  #pragma unroll
+              for (int nn = 0; nn < 4; ++nn)
+  #pragma unroll
+                for (int e = 0; e < 2; ++e) sS[(gid + ri * 8) * kLdS + nn * 8 + 2 * tig + e] = acc[nn][ri * 2 + e];
+            __syncwarp();
+            for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
+              const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
+              float sum = chunk == 0 ? 0.f : sP[w];
+              for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
+              sP[w] = sum;
+            }
+            __syncwarp();
+          }
         }
-      }
 
-      if (sh.chunks > 1) row_state(0);
-      // 3. block sums: (token, block) pairs, ascending keys inside each.
-      const int jlo = static_cast<int>(s0) * d / lp;
-      for (int w = lane; w < sh.tokens * open_cap; w += 32) {
-        const int tok = w / open_cap, j = jlo + w % open_cap;
-        if (tok < ps.p_begin || tok >= ps.p_end) continue;
-        const int t = static_cast<int>(t0 + tok);  // positions inside one sequence fit in int
-        const int nv = static_cast<int>(num_visible(t, nc, l, d));
-        if (s0 >= nv || j > t / lp) continue;
-        // keys i with i*d < (j+1)*l' and i*d + l > j*l', inside the tile and visible
-        int i_lo = j * lp - l + 1;
-        i_lo = i_lo <= 0 ? 0 : (i_lo + d - 1) / d;
-        int i_hi = ((j + 1) * lp - 1) / d;
-        i_lo = max(i_lo, static_cast<int>(s0));
-        i_hi = min(min(i_hi, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
-        float sum = 0.f;
-        for (int i = i_lo; i <= i_hi; ++i) {
-          const int lo = max(i * d, j * lp), hi = min(i * d + l, (j + 1) * lp);
-          sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>((hi - lo) / d);
+        if (sh.chunks > 1) row_state(0);
+        // 3. block sums: (token, block) pairs, ascending keys inside each.
+        const int jlo = static_cast<int>(s0) * d / lp;
+        for (int w = lane; w < sh.tokens * open_cap; w += 32) {
+          const int tok = w / open_cap, j = jlo + w % open_cap;
+          if (tok < ps.p_begin || tok >= ps.p_end) continue;
+          const int t = static_cast<int>(t0 + tok);  // positions inside one sequence fit in int
+          const int nv = static_cast<int>(num_visible(t, nc, l, d));
+          if (s0 >= nv || j > t / lp) continue;
+          // keys i with i*d < (j+1)*l' and i*d + l > j*l', inside the tile and visible
+          int i_lo = j * lp - l + 1;
+          i_lo = i_lo <= 0 ? 0 : (i_lo + d - 1) / d;
+          int i_hi = ((j + 1) * lp - 1) / d;
+          i_lo = max(i_lo, static_cast<int>(s0));
+          i_hi = min(min(i_hi, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
+          float sum = 0.f;
+          for (int i = i_lo; i <= i_hi; ++i) {
+            const int lo = max(i * d, j * lp), hi = min(i * d + l, (j + 1) * lp);
+            sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>((hi - lo) / d);
+          }
+          if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
         }
-        if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
-      }
-      __syncwarp();
-      // 4. finalise the blocks whose keys are all done.
-      if (my_on && s0 < my_nvis) {
-        const index_t i_end = s0 + kSelectTileKeys;
-        index_t j_done = i_end >= my_nvis ? my_tblk + 1 : (i_end * d) / lp;
-        if (j_done > my_tblk + 1) j_done = my_tblk + 1;
-        finalise_until(static_cast<int>(j_done));
+        __syncwarp();
+        // 4. finalise the blocks whose keys are all done.
+        if (my_on && s0 < my_nvis) {
+          const index_t i_end = s0 + kSelectTileKeys;
+          index_t j_done = i_end >= my_nvis ? my_tblk + 1 : (i_end * d) / lp;
+          if (j_done > my_tblk + 1) j_done = my_tblk + 1;
+          finalise_until(static_cast<int>(j_done));
+        }
       }
       __syncwarp();     // reconverge the token lanes before the CTA barrier
       __syncthreads();  // the next iteration's load overwrites this stage

@@ -104,7 +104,8 @@ inline nsa::Strides3 strides3(const Tensor& t) {
 inline Tensor aligned16(const Tensor& x) {
   bool ok = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   for (int64_t d = 0; ok && d + 1 < x.dim(); ++d) ok = x.size(d) == 1 || x.stride(d) % 8 == 0;
-  return ok ? x : x.contiguous();
+  // clone, not contiguous(): a misaligned view can already be contiguous
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
 // CPU path: half types are computed in fp32 (double for fp64) and cast back.
