@@ -23,21 +23,26 @@ Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
                                         : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
   if (dq_items == 0) return Status{};
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks"};
-  const index_t kv_rows = p.cu_seqlens ? p.total_rows / p.cmp_stride
-                                       : static_cast<index_t>(p.batch) *
-                                             ((num_compressed(p.seqlen, p.cmp_block, p.cmp_stride) + kRows - 1) / kRows) * kRows;
   auto dq_kernel = sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>;
   cudaError_t e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDqSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   dq_kernel<<<dim3(static_cast<unsigned>((dq_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks),
               Cfg::kThreads, Cfg::kDqSmemBytes, stream>>>(p);
-  const index_t kv_items = (kv_rows + kRows - 1) / kRows;
-  if (kv_items > 0) {
+  // dK/dV: split the key tiles' query rows only when the caller gave the workspace
+  // (sparse_attn_bwd_workspace_bytes(p) with mode kCompressed); without it, one chunk per tile.
+  using KvCfg = dkdv::Cfg<kHeadDim, kHeadDimV>;
+  const index_t tiles = dkdv::range_slots(p) * p.heads_kv;
+  const int splits = p.workspace != nullptr ? dkdv::range_splits(p) : 1;
+  if (tiles * splits > INT32_MAX) return Status{2, "too many compressed key tiles for one launch"};
+  if (tiles > 0) {
+    float* ws = static_cast<float*>(p.workspace);
     auto kv_kernel = sparse_detail::cmp_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDkvSmemBytes);
+    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-    kv_kernel<<<dim3(static_cast<unsigned>((kv_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv), Cfg::kThreads,
-                Cfg::kDkvSmemBytes, stream>>>(p);
+    kv_kernel<<<static_cast<unsigned>(tiles * splits), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p, splits, ws);
+    if (splits > 1)
+      sparse_detail::cmp_attn_bwd_dkdv_reduce_kernel<T, kHeadDim, kHeadDimV>
+          <<<static_cast<unsigned>(tiles), KvCfg::kThreads, 0, stream>>>(p, splits, ws);
   }
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};

@@ -2,7 +2,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 
 #include "sparse_attn.h"
 #include "sparse_attn_bwd_kernel.cuh"
@@ -61,26 +63,74 @@ index_t num_pairs_of(const AttnParams& p) {
   return rows * p.heads_kv * p.top_n;
 }
 
-int key_bits(const AttnParams& p) {  // bits of the largest key (the sentinel num_buckets)
-  const index_t top = sparse_detail::num_buckets(p);
+int bits_for(index_t top) {  // bits of the largest key value `top`
   int bits = 1;
   while (bits < 31 && (index_t{1} << bits) <= top) ++bits;
   return bits;
 }
 
-size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+int key_bits(const AttnParams& p) { return bits_for(sparse_detail::num_buckets(p)); }  // sentinel = num_buckets
+
+// Per bucket u: first index in the sorted pairs, and its work units (chunks of the list's rows
+// times the block's 64-key sub-tiles; 0 for an empty list) as the key of the second sort.
+__global__ void __launch_bounds__(256) sel_bucket_units_kernel(const int* sorted_keys, index_t n, index_t nb, int G,
+                                                               index_t chunk_rows, int tpb, int* start, int* units,
+                                                               int* ids) {
+  const index_t u = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
+  if (u >= nb) return;
+  const index_t s = sparse_detail::lower_bound(sorted_keys, n, static_cast<int>(u));
+  const index_t e = sparse_detail::lower_bound(sorted_keys, n, static_cast<int>(u + 1));
+  start[u] = static_cast<int>(s);
+  if (u == nb - 1) start[nb] = static_cast<int>(e);
+  const index_t rows = (e - s) * G;
+  units[u] = static_cast<int>((rows + chunk_rows - 1) / chunk_rows) * tpb;
+  ids[u] = static_cast<int>(u);
+}
+
+// map[base[k] .. base[k] + units[k]) = k: the dK/dV CTA of unit w finds its list in one load.
+__global__ void __launch_bounds__(256) sel_work_map_kernel(const int* units, const int* base, index_t nb,
+                                                           index_t bound, int* map) {
+  const index_t k = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x;
+  if (k >= nb) return;
+  const int n = units[k];
+  for (int x = 0; x < n; ++x) {
+    const index_t w = static_cast<index_t>(base[k]) + x;
+    if (w < bound) map[w] = static_cast<int>(k);
+  }
+}
+
+struct SelTemp {
+  size_t sort_pairs = 0, sort_units = 0, scan = 0;
+  size_t max() const { return std::max(sort_pairs, std::max(sort_units, scan)); }
+};
+
+SelTemp sel_temp_bytes(const AttnParams& p, index_t n, index_t nb, const dkdv::SelPlan& plan) {
+  SelTemp t;
+  cub::DeviceRadixSort::SortPairs(nullptr, t.sort_pairs, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
+                                  static_cast<const int*>(nullptr), static_cast<int*>(nullptr), static_cast<int>(n), 0,
+                                  key_bits(p));
+  cub::DeviceRadixSort::SortPairsDescending(nullptr, t.sort_units, static_cast<const int*>(nullptr),
+                                            static_cast<int*>(nullptr), static_cast<const int*>(nullptr),
+                                            static_cast<int*>(nullptr), static_cast<int>(nb), 0,
+                                            bits_for(plan.units_bound));
+  cub::DeviceScan::ExclusiveSum(nullptr, t.scan, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
+                                static_cast<int>(nb));
+  return t;
+}
 
 }  // namespace
 
+// Selected: the (block, token) pairs and their sort, the bucket arrays, the unit map and the
+// fp32 partials of long lists (dkdv::SelPlan), then CUB's temporary storage. Compressed: the
+// fp32 partials of split key tiles (dkdv::range_workspace_bytes). Window: nothing.
 size_t sparse_attn_bwd_workspace_bytes(const AttnParams& p) {
-  if (p.mode != AttnMode::kSelected) return 0;
+  if (p.mode == AttnMode::kCompressed) return dkdv::range_workspace_bytes(p);
+  if (p.mode != AttnMode::kSelected || p.heads_kv <= 0) return 0;
   const index_t n = num_pairs_of(p);
   if (n == 0) return 0;
-  size_t temp = 0;
-  cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
-                                  static_cast<const int*>(nullptr), static_cast<int*>(nullptr), static_cast<int>(n), 0,
-                                  key_bits(p));
-  return align256(4 * static_cast<size_t>(n) * sizeof(int)) + temp;
+  const index_t nb = sparse_detail::num_buckets(p);
+  const dkdv::SelPlan plan = dkdv::sel_plan(p, n, nb);
+  return plan.off_temp + sel_temp_bytes(p, n, nb, plan).max();
 }
 
 Status sparse_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t stream) {
@@ -95,19 +145,47 @@ Status sparse_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t st
   index_t n = 0;
   if (p.mode == AttnMode::kSelected && (n = num_pairs_of(p)) > 0) {
     if (n > INT32_MAX) return Status{2, "too many (token, block) pairs for one backward"};
-    int* keys_in = static_cast<int*>(p.workspace);
+    if (p.workspace == nullptr) return Status{2, "the selected backward needs sparse_attn_bwd_workspace_bytes() of workspace"};
+    const index_t nb = sparse_detail::num_buckets(p);
+    if (nb + 1 > INT32_MAX) return Status{2, "too many (sequence, KV head, block) lists for one backward"};
+    const dkdv::SelPlan plan = dkdv::sel_plan(p, n, nb);
+    if (plan.units_bound > INT32_MAX) return Status{2, "too many (list, chunk) units for one backward"};
+    unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+    int* keys_in = reinterpret_cast<int*>(ws);
     int* toks_in = keys_in + n;
     int* keys_out = toks_in + n;
     int* toks_out = keys_out + n;
-    const size_t head = align256(4 * static_cast<size_t>(n) * sizeof(int));
-    size_t temp = sparse_attn_bwd_workspace_bytes(p) - head;
-    sparse_bucket_pairs_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p, keys_in,
-                                                                                                        toks_in);
+    int* start = reinterpret_cast<int*>(ws + plan.off_buckets);
+    int* units_in = start + (nb + 1);
+    int* ids_in = units_in + nb;
+    int* units = ids_in + nb;
+    int* order = units + nb;
+    int* base = order + nb;
+    int* map = reinterpret_cast<int*>(ws + plan.off_map);
+    unsigned char* temp = ws + plan.off_temp;
+    const SelTemp tb = sel_temp_bytes(p, n, nb, plan);
+
+    sparse_bucket_pairs_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p, keys_in, toks_in);
     // LSD radix sort is stable: tokens stay ascending inside each block's list.
-    const cudaError_t e = cub::DeviceRadixSort::SortPairs(static_cast<unsigned char*>(p.workspace) + head, temp, keys_in,
-                                                          keys_out, toks_in, toks_out, static_cast<int>(n), 0,
-                                                          key_bits(p), stream);
+    size_t bytes = tb.sort_pairs;
+    cudaError_t e = cub::DeviceRadixSort::SortPairs(temp, bytes, keys_in, keys_out, toks_in, toks_out,
+                                                    static_cast<int>(n), 0, key_bits(p), stream);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    sel_bucket_units_kernel<<<static_cast<unsigned>((nb + 255) / 256), 256, 0, stream>>>(
+        keys_out, n, nb, p.heads_q / p.heads_kv, plan.chunk_rows, plan.tpb, start, units_in, ids_in);
+    // Longest lists first (stable: equal lengths keep bucket order), so the dK/dV grid runs them
+    // first and the lists with partials occupy units [0, max_partials).
+    bytes = tb.sort_units;
+    e = cub::DeviceRadixSort::SortPairsDescending(temp, bytes, units_in, units, ids_in, order, static_cast<int>(nb), 0,
+                                                  bits_for(plan.units_bound), stream);
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    bytes = tb.scan;
+    e = cub::DeviceScan::ExclusiveSum(temp, bytes, units, base, static_cast<int>(nb), stream);
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    e = cudaMemsetAsync(map, 0xff, static_cast<size_t>(plan.units_bound) * sizeof(int), stream);  // -1: no unit
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    sel_work_map_kernel<<<static_cast<unsigned>((nb + 255) / 256), 256, 0, stream>>>(units, base, nb,
+                                                                                      plan.units_bound, map);
     sorted_keys = keys_out;
     sorted_tokens = toks_out;
   }

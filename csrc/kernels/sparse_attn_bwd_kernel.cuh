@@ -5,13 +5,16 @@
 //   dQ = scale * dS K,   dK = scale * dS^T Q,   dV = P^T dO
 //
 // dQ: the forward's warp layout (16 query rows walking their key tiles), accumulating dQ in
-// registers. dK/dV: a warp owns 16 consecutive keys and walks the query rows that attend them:
-// for the window branch the tokens [s, s + w - 1]; for the selected branch the tokens that
-// selected the keys' block, read from per-(sequence, KV head, block) lists built on the GPU by
-// a stable radix sort of (block, token) pairs (tokens ascending inside each list). Both
-// accumulate in registers in a fixed order: no atomics, bitwise reproducible.
+// registers. dK/dV: CTAs of 64 keys sharing each Q / dO tile, the rows of a key tile split into
+// chunks over several CTAs (attn_bwd_dkdv.cuh). Window: the tokens [s, s + w - 1] of each key,
+// one chunk per tile (every tile has about (64 + w) * G rows: no long tail). Selected: the
+// tokens that chose the keys' block, from per-(sequence, KV head, block) lists built on the GPU
+// by a stable radix sort of (block, token) pairs (tokens ascending inside each list); long
+// lists are cut into chunks whose fp32 partials a second kernel adds in chunk order. No
+// atomics anywhere: bitwise reproducible.
 #pragma once
 
+#include "attn_bwd_dkdv.cuh"
 #include "sparse_attn_common.cuh"
 
 namespace nsa {
@@ -26,10 +29,6 @@ struct BwdConfig {
   // dQ: Q, dO (16 rows) + K, V (32 keys)
   static constexpr int kDqElemsPerWarp = kRows * kLdQK + kRows * kLdV + kBlockN * kLdQK + kBlockN * kLdV;
   static constexpr int kDqSmemBytes = kWarps * kDqElemsPerWarp * 2;
-  // dK/dV: K, V (16 keys) + Q, dO (32 query rows) + lse, delta, token of the 32 rows
-  static constexpr int kDkvElemsPerWarp = kRows * kLdQK + kRows * kLdV + kBlockN * kLdQK + kBlockN * kLdV;
-  static constexpr int kDkvBytesPerWarp = kDkvElemsPerWarp * 2 + 3 * kBlockN * 4;
-  static constexpr int kDkvSmemBytes = kWarps * kDkvBytesPerWarp;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -170,160 +169,116 @@ __device__ __forceinline__ index_t lower_bound(const int* a, index_t n, int x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dK, dV: a warp owns 16 consecutive key positions (one pass per sequence and, for the selected
-// branch, per block) and walks the query rows (token, head of KV head g) that attend them, 32
-// rows per step: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q.
+// dK, dV (attn_bwd_dkdv.cuh).
+
+// Window: one CTA per (64-key tile, KV head), the tile's tokens [s0, s_last + w - 1] in one chunk.
 template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(BwdConfig<kHeadDim, kHeadDimV>::kThreads)
-    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_keys, const int* sorted_tokens,
-                                index_t num_pairs) {
-  using Cfg = BwdConfig<kHeadDim, kHeadDimV>;
+__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
+    sparse_attn_bwd_dkdv_window_kernel(const AttnBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gid = lane >> 2, tig = lane & 3;
-  unsigned char* base = smem_raw + warp * Cfg::kDkvBytesPerWarp;
-  T* sK = reinterpret_cast<T*>(base);
-  T* sV = sK + kRows * Cfg::kLdQK;
-  T* sQ = sV + kRows * Cfg::kLdV;
-  T* sdO = sQ + kBlockN * Cfg::kLdQK;
-  float* s_lse = reinterpret_cast<float*>(base + Cfg::kDkvElemsPerWarp * 2);
-  float* s_delta = s_lse + kBlockN;
-  int* s_tok = reinterpret_cast<int*>(s_delta + kBlockN);
+  dkdv::range_dkdv<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, 1, nullptr, smem_raw);
+}
 
-  const int g = blockIdx.y;
-  const int G = p.heads_q / p.heads_kv;
-  Group gr;
-  if (!group_of(p, kRows, static_cast<index_t>(blockIdx.x) * Cfg::kWarps + warp, gr)) return;
-  const float scale_log2 = p.scale * kLog2e;
-  const bool packed = p.cu_seqlens != nullptr;
-  const bool selected = p.mode == AttnMode::kSelected;
-
-  Pass ps;
-  for (int pb = 0; next_pass(p, kRows, gr, pb, selected ? p.sel_block : 0, ps); pb = ps.p_end) {
-    const int b = ps.b;
-    const index_t row_begin = ps.row_begin, t0 = ps.t0;
-    const int seq_len = ps.seq_len;
-    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
-    const T* dout = static_cast<const T*>(p.dout) + (packed ? 0 : b * p.dout_stride.batch);
-    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(g) * p.k_stride.head;
-    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(g) * p.v_stride.head;
-    const index_t lse_b = packed ? 0 : b * p.lse_batch_stride;
-    const index_t s_first = t0 + ps.p_begin, s_last = t0 + ps.p_end - 1;
-
-    // The 16 keys: rows outside [p_begin, p_end) of the group read as zero.
-    load_rows_async<T, kHeadDim, kRows>(sK, Cfg::kLdQK, k, p.k_stride.row, row_begin, t0, seq_len, lane);
-    load_rows_async<T, kHeadDimV, kRows>(sV, Cfg::kLdV, v, p.v_stride.row, row_begin, t0, seq_len, lane);
-    mma::cp_async_commit();
-    mma::cp_async_wait_all();
-    __syncwarp();
-    bool key_on[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) key_on[ri] = gid + ri * 8 >= ps.p_begin && gid + ri * 8 < ps.p_end;
-
-    // Query tokens: a contiguous range (window) or a sorted list (selected).
-    index_t tok_lo = 0, n_tok = 0;
-    const int* list = nullptr;
-    if (selected) {
-      const int bucket = static_cast<int>(bucket_of(p, b, g, static_cast<int>(s_first / p.sel_block)));
-      tok_lo = lower_bound(sorted_keys, num_pairs, bucket);
-      n_tok = lower_bound(sorted_keys, num_pairs, bucket + 1) - tok_lo;
-      list = sorted_tokens + tok_lo;
-    } else {
-      tok_lo = s_first;
-      index_t hi = s_last + p.window - 1;
-      if (hi > seq_len - 1) hi = seq_len - 1;
-      n_tok = hi - tok_lo + 1;
+// Selected: bucket u (bucket_of's numbering) and 64-key sub-tile `sub` of its block -> keys;
+// false if u is no block of a sequence or the sub-tile lies past the sequence's end.
+__device__ __forceinline__ bool sel_tile_of(const AttnParams& p, index_t u, int sub, dkdv::RangeTile& t, int& g) {
+  index_t j;
+  if (p.cu_seqlens == nullptr) {
+    const index_t nb = (p.seqlen + p.sel_block - 1) / p.sel_block;
+    if (nb <= 0) return false;
+    j = u % nb;
+    const index_t bg = u / nb;
+    g = static_cast<int>(bg % p.heads_kv);
+    t.b = static_cast<int>(bg / p.heads_kv);
+    if (t.b >= p.batch) return false;
+  } else {
+    const index_t per_g = p.total_rows / p.sel_block + p.batch + 1;
+    g = static_cast<int>(u / per_g);
+    if (g >= p.heads_kv) return false;
+    const index_t slot = u % per_g;
+    int lo = 0, hi = p.batch - 1, b = -1;
+    while (lo <= hi) {
+      const int mid = (lo + hi) >> 1;
+      if (compressed_row_begin(p.cu_seqlens, mid, p.total_rows, p.sel_block) + mid <= slot) {
+        b = mid;
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
     }
-    const index_t n_rows = n_tok * G;
-
-    float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDimV / 8][4];
-#pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) dk_acc[n][0] = dk_acc[n][1] = dk_acc[n][2] = dk_acc[n][3] = 0.f;
-#pragma unroll
-    for (int n = 0; n < kHeadDimV / 8; ++n) dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
-
-    for (index_t r0 = 0; r0 < n_rows; r0 += kBlockN) {
-      // Rows r0 .. r0+31: token index r / G, head r % G.
-      {
-        const index_t r = r0 + lane;
-        int tok = -1;
-        float lse_v = INFINITY, delta_v = 0.f;
-        if (r < n_rows) {
-          tok = selected ? __ldg(list + r / G) : static_cast<int>(tok_lo + r / G);
-          const index_t at = lse_b + (row_begin + tok) * p.lse_row_stride + static_cast<index_t>(g) * G + r % G;
-          const float l = p.lse[at];
-          lse_v = l == -INFINITY ? INFINITY : l * kLog2e;
-          delta_v = p.delta[at];
-        }
-        s_tok[lane] = tok;
-        s_lse[lane] = lse_v;
-        s_delta[lane] = delta_v;
-      }
-      __syncwarp();
-      constexpr int kVecQ = kHeadDim / 8, kVecV = kHeadDimV / 8;
-#pragma unroll
-      for (int i = lane; i < kBlockN * kVecQ; i += 32) {
-        const int rr = i / kVecQ, c = (i % kVecQ) * 8;
-        const int tok = s_tok[rr];
-        const int hq = g * G + static_cast<int>((r0 + rr) % G);
-        const T* src = tok >= 0 ? q + (row_begin + tok) * p.q_stride.row + static_cast<index_t>(hq) * p.q_stride.head + c : q;
-        mma::cp_async_16(sQ + rr * Cfg::kLdQK + c, src, tok >= 0);
-      }
-#pragma unroll
-      for (int i = lane; i < kBlockN * kVecV; i += 32) {
-        const int rr = i / kVecV, c = (i % kVecV) * 8;
-        const int tok = s_tok[rr];
-        const int hq = g * G + static_cast<int>((r0 + rr) % G);
-        const T* src = tok >= 0 ? dout + (row_begin + tok) * p.dout_stride.row + static_cast<index_t>(hq) * p.dout_stride.head + c
-                                : dout;
-        mma::cp_async_16(sdO + rr * Cfg::kLdV + c, src, tok >= 0);
-      }
-      mma::cp_async_commit();
-      mma::cp_async_wait_all();
-      __syncwarp();
-
-      float st[4][4] = {};
-      gemm_16x32_nt<T, kHeadDim>(st, sK, Cfg::kLdQK, sQ, Cfg::kLdQK, gid, tig);   // S^T = K Q^T
-      float dpt[4][4] = {};
-      gemm_16x32_nt<T, kHeadDimV>(dpt, sV, Cfg::kLdV, sdO, Cfg::kLdV, gid, tig);  // dP^T = V dO^T
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const index_t s = t0 + gid + ri * 8;
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = n * 8 + 2 * tig + e;
-            const int tok = s_tok[col];
-            const bool ok = key_on[ri] && tok >= 0 && s <= tok && (selected || tok <= s + p.window - 1);
-            const float pr = ok ? exp2f(st[n][ri * 2 + e] * scale_log2 - s_lse[col]) : 0.f;
-            st[n][ri * 2 + e] = pr;                                       // P^T
-            dpt[n][ri * 2 + e] = pr * (dpt[n][ri * 2 + e] - s_delta[col]);  // dS^T
-          }
-      }
-      gemm_16x32_regs_nn<T, kHeadDimV>(dv_acc, st, sdO, Cfg::kLdV, gid, tig);   // dV += P^T dO
-      gemm_16x32_regs_nn<T, kHeadDim>(dk_acc, dpt, sQ, Cfg::kLdQK, gid, tig);   // dK += dS^T Q
-      __syncwarp();
-    }
-
-    T* dk = static_cast<T*>(p.dk) + (packed ? 0 : b * p.dk_stride.batch) + static_cast<index_t>(g) * p.dk_stride.head;
-    T* dv = static_cast<T*>(p.dv) + (packed ? 0 : b * p.dv_stride.batch) + static_cast<index_t>(g) * p.dv_stride.head;
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      if (!key_on[ri]) continue;
-      const index_t s = t0 + gid + ri * 8;
-      T* krow = dk + (row_begin + s) * p.dk_stride.row;
-      T* vrow = dv + (row_begin + s) * p.dv_stride.row;
-#pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n)
-        *reinterpret_cast<uint32_t*>(krow + n * 8 + 2 * tig) =
-            mma::pack2<T>(dk_acc[n][ri * 2] * p.scale, dk_acc[n][ri * 2 + 1] * p.scale);
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n)
-        *reinterpret_cast<uint32_t*>(vrow + n * 8 + 2 * tig) = mma::pack2<T>(dv_acc[n][ri * 2], dv_acc[n][ri * 2 + 1]);
-    }
-    __syncwarp();
+    if (b < 0) return false;
+    t.b = b;
+    j = slot - (compressed_row_begin(p.cu_seqlens, b, p.total_rows, p.sel_block) + b);
   }
+  const SeqGeom sg = seq_geom(p.cu_seqlens, t.b, p.seqlen, p.total_rows);
+  t.seq_len = sg.len;
+  t.q_row0 = sg.row_begin;
+  const index_t blk0 = j * p.sel_block;
+  t.key0 = blk0 + static_cast<index_t>(sub) * dkdv::kKeys;
+  index_t end = t.key0 + dkdv::kKeys;
+  if (end > blk0 + p.sel_block) end = blk0 + p.sel_block;
+  if (end > sg.len) end = sg.len;
+  if (end <= t.key0) return false;
+  t.nk = static_cast<int>(end - t.key0);
+  t.k_row0 = sg.row_begin + t.key0;
+  return true;
+}
+
+// Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan).
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
+    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
+                                index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const index_t w = blockIdx.x;
+  const int k = arr.map[w];
+  if (k < 0) return;
+  const int u = arr.order[k];
+  const index_t rel = w - arr.base[k];
+  const int nch = arr.units[k] / tpb;
+  const index_t chunk = rel / tpb;
+  dkdv::RangeTile t;
+  int g;
+  if (!sel_tile_of(p, u, static_cast<int>(rel % tpb), t, g)) return;
+  const int start = arr.start[u];
+  const index_t rows = static_cast<index_t>(arr.start[u + 1] - start) * (p.heads_q / p.heads_kv);
+  dkdv::TileArgs a;
+  a.b = t.b;
+  a.g = g;
+  a.q_row0 = t.q_row0;
+  a.k_row0 = t.k_row0;
+  a.nk = t.nk;
+  a.key0 = t.key0;
+  a.list = sorted_tokens + start;
+  a.r_begin = chunk * chunk_rows;
+  a.r_end = a.r_begin + chunk_rows < rows ? a.r_begin + chunk_rows : rows;
+  float* partial = nullptr;
+  if (nch > 1) {
+    if (w >= max_partials) return;  // cannot happen: multi-chunk lists sort first (SelPlan)
+    partial = ws + w * dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats;
+  }
+  dkdv::dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw);
+}
+
+// Selected: one CTA per (k-th longest list, sub-tile) of the lists with >= 2 chunks; adds the
+// partials of chunks 0, 1, ... in that order.
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
+    sparse_attn_bwd_dkdv_reduce_kernel(const AttnBwdParams p, const dkdv::SelArrays arr, index_t num_buckets, int tpb,
+                                       index_t max_partials, const float* ws) {
+  const index_t x = blockIdx.x;
+  const index_t k = x / tpb;
+  if (k >= num_buckets) return;
+  const int units = arr.units[k];
+  const int nch = units / tpb;
+  if (nch <= 1) return;
+  const index_t base = arr.base[k];
+  if (base + units > max_partials) return;  // cannot happen (SelPlan)
+  dkdv::RangeTile t;
+  int g;
+  const int sub = static_cast<int>(x % tpb);
+  if (!sel_tile_of(p, arr.order[k], sub, t, g)) return;
+  dkdv::reduce_tile<T, kHeadDim, kHeadDimV>(p, ws, base + sub, tpb, nch, t.b, g, t.k_row0, t.nk);
 }
 
 }  // namespace sparse_detail

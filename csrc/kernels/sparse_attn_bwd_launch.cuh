@@ -1,6 +1,8 @@
 // Launch configuration of the grouped sparse attention backward (dQ and dK/dV kernels);
-// included by the generated instantiation files only. The selected branch's per-block token
-// lists are built beforehand by sparse_attn_bwd_cuda (sparse_attn_api.cu).
+// included by the generated instantiation files only. For the selected branch,
+// sparse_attn_bwd_cuda (sparse_attn_api.cu) has already sorted the (block, token) pairs and
+// filled the bucket arrays of dkdv::SelPlan in p.workspace. Keys that no query attends (blocks
+// nobody selected) are not written: the caller zero-fills dk and dv.
 #pragma once
 
 #include "sparse_attn_bwd_kernel.cuh"
@@ -11,14 +13,13 @@ template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const int* sorted_tokens, index_t num_pairs,
                            cudaStream_t stream) {
   using Cfg = sparse_detail::BwdConfig<kHeadDim, kHeadDimV>;
+  using KvCfg = dkdv::Cfg<kHeadDim, kHeadDimV>;
   constexpr int kRows = sparse_detail::kRows;
   const int G = p.heads_q / p.heads_kv;
   const int tokens = G >= kRows ? 1 : kRows / G;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  auto groups = [&](int per) -> index_t {
-    return p.cu_seqlens ? (p.total_rows + per - 1) / per : static_cast<index_t>(p.batch) * ((p.seqlen + per - 1) / per);
-  };
-  const index_t dq_items = groups(tokens), kv_items = groups(kRows);
+  const index_t dq_items =
+      p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
   if (dq_items == 0) return Status{};
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
 
@@ -28,11 +29,42 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
   dq_kernel<<<dim3(static_cast<unsigned>((dq_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks),
               Cfg::kThreads, Cfg::kDqSmemBytes, stream>>>(p);
 
-  auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-  e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDkvSmemBytes);
-  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kv_kernel<<<dim3(static_cast<unsigned>((kv_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv), Cfg::kThreads,
-              Cfg::kDkvSmemBytes, stream>>>(p, sorted_keys, sorted_tokens, num_pairs);
+  if (p.mode == AttnMode::kWindow) {
+    const index_t ctas = dkdv::range_slots(p) * p.heads_kv;
+    if (ctas > INT32_MAX) return Status{2, "too many key tiles for one launch"};
+    if (ctas > 0) {
+      auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_window_kernel<T, kHeadDim, kHeadDimV>;
+      e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
+      if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+      kv_kernel<<<static_cast<unsigned>(ctas), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p);
+    }
+  } else if (num_pairs > 0 && sorted_tokens != nullptr && p.workspace != nullptr) {
+    (void)sorted_keys;  // consumed by the bucket pass in sparse_attn_bwd_cuda
+    const index_t nb = sparse_detail::num_buckets(p);
+    const dkdv::SelPlan plan = dkdv::sel_plan(p, num_pairs, nb);
+    if (plan.units_bound > INT32_MAX) return Status{2, "too many (list, chunk) units for one launch"};
+    unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+    const int* bucket = reinterpret_cast<const int*>(ws + plan.off_buckets);
+    dkdv::SelArrays arr;
+    arr.start = bucket;
+    arr.units = bucket + (nb + 1) + 2 * nb;
+    arr.order = arr.units + nb;
+    arr.base = arr.order + nb;
+    arr.map = reinterpret_cast<const int*>(ws + plan.off_map);
+    float* partials = reinterpret_cast<float*>(ws + plan.off_partials);
+    auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
+    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+    if (plan.units_bound > 0)
+      kv_kernel<<<static_cast<unsigned>(plan.units_bound), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(
+          p, sorted_tokens, arr, plan.chunk_rows, plan.tpb, plan.max_partials, partials);
+    // Lists with >= 2 chunks: at most max_partials / 2 (list, sub-tile) pairs.
+    const index_t red = plan.max_partials / 2;
+    if (red > 0)
+      sparse_detail::sparse_attn_bwd_dkdv_reduce_kernel<T, kHeadDim, kHeadDimV>
+          <<<static_cast<unsigned>(red), KvCfg::kThreads, 0, stream>>>(p, arr, nb, plan.tpb, plan.max_partials,
+                                                                     partials);
+  }
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }

@@ -738,6 +738,11 @@ std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout_in, cons
   p.dk_stride = strides3(dk);
   p.dv = dv.data_ptr();
   p.dv_stride = strides3(dv);
+  // fp32 partials of the dK/dV key tiles whose query rows are split over several CTAs (size
+  // fixed by the shapes; 0 when nothing is split).
+  const size_t ws_bytes = nsa::sparse_attn_bwd_workspace_bytes(p);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
   check_kernel_status(
       nsa::cmp_attn_bwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()), kCmpBwd);
   return {dq, dk, dv};
@@ -813,7 +818,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
   delta = delta.contiguous();
   const auto c = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
-  Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));  // keys of no sequence stay zero
+  // keys of no sequence, and blocks no token selected, are not written by the kernels: zeros
+  Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));
   Tensor dv = at::zeros(v.sizes(), v.options().memory_format(c));
   nsa::AttnBwdParams p;
   static_cast<nsa::AttnParams&>(p) = a.params;
