@@ -73,7 +73,8 @@ def check_forward_backward(x, w, pe, block, stride, cu):
     dy = torch.randn_like(y)  # gap rows of a packed batch get gradient too: it must be ignored
     poison_cuda_cache((tuple(x.shape), x.dtype))
     grads = torch.autograd.grad(y, params, dy)
-    if y_ref.numel() == 0:  # no compressed token at all (T < l): the gradient is exactly zero
+    if y_ref.numel() == 0 or not (y_ref.requires_grad and y_pt.requires_grad):  # no compressed token (every T < l; a packed
+        # batch may still have gap rows): the gradient is exactly zero
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
         return

@@ -650,9 +650,6 @@ def test_compress_cuda_fuzz(case):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.xfail(strict=False, reason=(
-    "fix landed (run_compress_bwd now zeroes dW / dpe when the packed batch has no rows) but has not "
-    "run on a GPU yet: drop this mark once tools/gpu_check.sh passes it"))
 @pytest.mark.parametrize("mode", ["linear", "linear_pe"])
 def test_compress_cuda_empty_packed_batch_param_grads_are_zero(mode):
     from helpers import poison_cuda_cache
