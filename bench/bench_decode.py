@@ -84,6 +84,7 @@ def main() -> None:
     copy = common.copy_bandwidth_gbs()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = []
+    series = {}  # plot: (batch, who) -> [(context, ms)]
     for B, T in itertools.product(batches, contexts):
         # Rotate over enough caches that one pass over them is > 2x the L2 size: every step then
         # reads from DRAM, as a real decode step (other layers' caches in between) would.
@@ -121,8 +122,11 @@ def main() -> None:
                      "-" if full_ms is None else f"{B / full_ms * 1e3:,.0f}", f"{fb / 1e6:.0f}",
                      "-" if full_ms is None else f"{100 * full_floor / full_ms:.0f}%",
                      "-" if full_ms is None else f"{full_ms / nsa_ms:.1f}x"])
+        series.setdefault((f"B={B}", "NSA"), []).append((T, nsa_ms))
+        if full_ms is not None:
+            series.setdefault((f"B={B}", "full"), []).append((T, full_ms))
         print(rows[-1], flush=True)
-    common.write_table(
+    path = common.write_table(
         "decode", ["B", "context", "NSA step us", "NSA tokens/s", "NSA MB read", "NSA % of BW floor",
                    "full step us (SDPA)", "full tokens/s", "full MB read", "full % of BW floor",
                    "speedup"], rows,

@@ -4,10 +4,8 @@ full attention (SDPA with the cuDNN and flash backends) in the same process, at
 T in {8k, 16k, 32k, 64k, 128k}: headline config (HQ = 64, H = 4, D = 128, bf16, l = 32, d = 16,
 l' = 64, n = 16, w = 512), also G = 4 (HQ = 16) and Dk = 192 / Dv = 128.
 
-Until every CUDA kernel has landed, `nsa_attention` raises NotImplementedError on CUDA: the
-benchmark then says which op is missing and times the parts that exist (compression of k and v,
-selected and window attention with selection-like block lists), so their share of the budget
-is visible. Writes a dated markdown table (and a PNG plot when matplotlib is there) to
+Also measures the peak device memory of one call beyond the inputs (NSA and cuDNN).
+Writes a dated markdown table and a plot (SVG; also PNG when matplotlib is installed) to
 bench/results/."""
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_sparse_attn import make_block_idx  # noqa: E402
 
 import nsa_cuda  # noqa: E402
 
@@ -42,7 +39,19 @@ def nsa_flops(T: int, HQ: int, Dk: int, Dv: int) -> float:
     return 2.0 * HQ * (cmp_keys * (Dk + Dv) + cmp_keys * Dk + (sel_keys + win_keys) * (Dk + Dv))
 
 
+def peak_extra_bytes(fn) -> int:
+    """Peak device memory allocated by one call of fn beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def run_config(name: str, T: int, backward: bool):
+    """(median ms, peak extra bytes, input bytes) of the whole NSA, or None if this build lacks
+    a kernel it needs (a partial NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS build)."""
     HQ, H, Dk, Dv = CONFIGS[name]
     dt = torch.bfloat16
     q = torch.randn(1, T, HQ, Dk, device="cuda", dtype=dt, requires_grad=backward)
@@ -53,6 +62,7 @@ def run_config(name: str, T: int, backward: bool):
     w_v = (torch.randn(H, 32 * Dv, Dv, device="cuda", dtype=dt) / (32 * Dv) ** 0.5).requires_grad_(backward)
     do = torch.randn(1, T, HQ, Dv, device="cuda", dtype=dt)
     leaves = [q, k, v, *gates, w_k, w_v]
+    inputs = sum(t.numel() * t.element_size() for t in leaves + ([do] if backward else []))
 
     def full_nsa():
         o = nsa_cuda.nsa_attention(q, k, v, *gates, w_k=w_k, w_v=w_v, **HP)
@@ -60,22 +70,32 @@ def run_config(name: str, T: int, backward: bool):
             torch.autograd.grad(o, leaves, do)
 
     try:
-        return common.median_ms(full_nsa, 2, 5), None
-    except NotImplementedError as e:
-        missing = str(e).split(":")[0]
-    # Parts that exist on CUDA today: compression of k and v, selected and window branches.
-    idx = make_block_idx(T, H, HP["top_n"], HP["sel_block"])
+        ms = common.median_ms(full_nsa, 2, 5)
+    except NotImplementedError:
+        return None
+    return ms, peak_extra_bytes(full_nsa), inputs
 
-    def parts():
-        kc = nsa_cuda.compress(k, w_k, block=32, stride=16)
-        vc = nsa_cuda.compress(v, w_v, block=32, stride=16)
-        o_s, _ = nsa_cuda.selected_attention(q, k, v, idx, sel_block=HP["sel_block"])
-        o_w, _ = nsa_cuda.window_attention(q, k, v, window=HP["window"])
-        if backward:
-            torch.autograd.grad((kc.float().sum() + vc.float().sum(), o_s, o_w),
-                                [k, v, w_k, w_v, q], (None, do, do), allow_unused=True)
 
-    return None, (common.median_ms(parts, 2, 5), missing)
+def full_attention_peak(T: int, HQ: int, H: int, D: int, backward: bool) -> int:
+    """Peak extra bytes of cuDNN causal SDPA on the same shapes (K/V expanded to HQ heads, as
+    the timing does; the expansion is counted as input, not as extra)."""
+    import torch.nn.functional as F  # noqa: N812
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    k = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    v = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+    do = torch.randn_like(q)
+
+    def run():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if backward:
+                torch.autograd.grad(o, (q, k, v), do)
+
+    try:
+        run()
+        return peak_extra_bytes(run)
+    except RuntimeError:
+        return -1
 
 
 def main() -> None:
@@ -84,38 +104,49 @@ def main() -> None:
     ap.add_argument("--T", type=int, nargs="*", default=default_T)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     args = ap.parse_args()
-    rows, notes_missing = [], set()
+    rows, missing = [], []
+    series = {}  # plot: (config, pass, who) -> [(T, ms)]
     for T in args.T:
         for name in args.configs:
             HQ, H, Dk, Dv = CONFIGS[name]
             for backward in (False, True):
+                pass_ = "fwd+bwd" if backward else "fwd"
                 cudnn = common.full_attention("cudnn", T, HQ, H, Dk, backward=backward, iters=5) if Dk == Dv else None
                 flash = common.full_attention("flash", T, HQ, H, Dk, backward=backward, iters=5) if Dk == Dv else None
-                nsa_ms, partial = run_config(name, T, backward)
+                res = run_config(name, T, backward)
+                if res is None:
+                    missing.append(f"{name} T={T} {pass_}")
+                    continue
+                nsa_ms, peak, inputs = res
+                full_peak = full_attention_peak(T, HQ, H, Dk, backward) if Dk == Dv else -1
                 fl = nsa_flops(T, HQ, Dk, Dv) * (3.5 if backward else 1.0)
-                if nsa_ms is not None:
-                    cells = [f"{nsa_ms:.2f}", f"{fl / nsa_ms / 1e9:.0f}", "-"]
-                    ratio_ms = nsa_ms
-                else:
-                    parts_ms, missing = partial
-                    notes_missing.add(missing)
-                    cells = ["-", "-", f"{parts_ms:.2f}"]
-                    ratio_ms = None
                 base = cudnn if cudnn is not None else flash
-                rows.append([T, name, "fwd+bwd" if backward else "fwd", *cells,
+                rows.append([T, name, pass_, f"{nsa_ms:.2f}", f"{fl / nsa_ms / 1e9:.0f}",
                              "-" if cudnn is None else f"{cudnn:.2f}", "-" if flash is None else f"{flash:.2f}",
-                             "-" if (base is None or ratio_ms is None) else f"{base / ratio_ms:.1f}x"])
+                             "-" if base is None else f"{base / nsa_ms:.2f}x",
+                             f"{peak / 2**30:.2f} GiB ({peak / inputs:.1f}x inputs)",
+                             "-" if full_peak < 0 else f"{full_peak / 2**30:.2f} GiB"])
+                series.setdefault((name, pass_, "NSA"), []).append((T, nsa_ms))
+                if cudnn is not None:
+                    series.setdefault((name, pass_, "cuDNN full"), []).append((T, cudnn))
+                torch.cuda.empty_cache()
     notes = {
         "config": "bf16, l=32, d=16, l'=64, n=16, w=512; headline HQ=64 H=4 D=128; G=4: HQ=16; Dk=192/Dv=128",
-        "NSA FLOPs": "compressed attention + its selection recompute + selected (n*l' keys) + window (w keys)",
+        "NSA": "nsa_cuda.nsa_attention with linear compression (w_k, w_v): compression, compressed attention, "
+               "selection, selected + window attention, gated combine; fwd+bwd = gradients of every input",
+        "NSA FLOPs": "compressed attention + its selection recompute + selected (n*l' keys) + window (w keys); "
+                     "fwd+bwd counted as 3.5x forward",
         "full attention": "SDPA causal, GQA expanded to HQ heads, cuDNN and flash backends, same process",
+        "peak memory": "torch.cuda.max_memory_allocated during one call minus what was allocated before "
+                       "(inputs: q, k, v, gates, weights, and dO for fwd+bwd)",
         "timing": "median of 5 CUDA-event timings after 2 warm-ups",
     }
-    if notes_missing:
-        notes["not yet on CUDA"] = (", ".join(sorted(notes_missing)) + ": the full NSA column is empty; 'parts' "
-                                    "times compression (k, v) + selected + window attention only")
-    common.write_table("nsa", ["T", "config", "pass", "NSA ms", "NSA TFLOP/s", "parts ms", "cuDNN ms", "flash ms",
-                               "speedup vs full"], rows, notes)
+    if missing:
+        notes["not in this build"] = ", ".join(missing)
+    path = common.write_table("nsa", ["T", "config", "pass", "NSA ms", "NSA TFLOP/s", "cuDNN ms", "flash ms",
+                                      "speedup vs cuDNN", "NSA peak extra memory", "cuDNN peak extra memory"],
+                              rows, notes)
+    common.write_plot(path.with_suffix(""), "NSA vs causal full attention (" + common.card() + ")", series)
 
 
 if __name__ == "__main__":
