@@ -82,6 +82,24 @@ __device__ __forceinline__ void load_rows_cta_n(T* dst, int ld, const T* base, i
   }
 }
 
+// acc[nt] (16 x 8) += A (16 x kDim) * B[nt*8 .. nt*8+7]^T with a 16-row B tile, both row-major
+// in shared memory with 16-byte aligned rows (ldmatrix fragments, as gemm_16x32_nt).
+template <typename T, int kDim>
+__device__ __forceinline__ void gemm_16x16_nt(float (&acc)[2][4], const T* sA, int lda, const T* sB, int ldb, int lane) {
+  const int mat = lane >> 3, row8 = lane & 7;
+  const T* a_row = sA + ((mat & 1) * 8 + row8) * lda + (mat >> 1) * 8;
+  const T* b_row = sB + ((mat >> 1) * 8 + row8) * ldb + (mat & 1) * 8;
+#pragma unroll
+  for (int k0 = 0; k0 < kDim; k0 += 16) {
+    uint32_t a[4], bq[4];
+    mma::ldmatrix_x4(a, a_row + k0);
+    mma::ldmatrix_x4(bq, b_row + k0);
+    const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+    mma::m16n8k16<T>(acc[0], a, b0);
+    mma::m16n8k16<T>(acc[1], a, b1);
+  }
+}
+
 // Inserts (s, j) into the list sorted by (score desc, block asc); j is larger than every block
 // already there, so equal scores keep the earlier (lower) block first.
 __device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int n, float s, int j) {
@@ -201,6 +219,26 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
     };
     row_state(0);
     const bool pow2_heads = (sh.heads & (sh.heads - 1)) == 0;
+    // Columns of the keys-major product held by this thread: query rows 2tig, 2tig+1, 2tig+8,
+    // 2tig+9 of the current chunk (index nt * 2 + e).
+    index_t col_nv[4];
+    float col_lse[4];
+    auto col_state = [&](int chunk) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int r = (c >> 1) * 8 + 2 * tig + (c & 1);
+        const int tok = r / sh.heads, h = chunk * kRows + r % sh.heads;
+        const bool on = r < sh.tokens * sh.heads && h < G && tok >= ps.p_begin && tok < ps.p_end;
+        col_nv[c] = 0;
+        col_lse[c] = INFINITY;
+        if (on) {
+          col_nv[c] = num_visible(t0 + tok, nc, l, d);
+          const float x = sp.lse[lse_b + (row_begin + t0 + tok) * sp.lse_row_stride + g * G + h];
+          col_lse[c] = x == -INFINITY ? INFINITY : x * kLog2e;
+        }
+      }
+    };
+    if (pow2_heads) col_state(0);
     const index_t nvis_cta = num_visible(cps.t0 + cps.p_end - 1, nc, l, d);
     const index_t nvis_warp = warp_on ? num_visible(t0 + ps.p_end - 1, nc, l, d) : 0;
     const int n_tiles = static_cast<int>((nvis_cta + kSelectTileKeys - 1) / kSelectTileKeys);
@@ -226,7 +264,56 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
       if (s0 < nvis_warp) {
         const T* sK = sStage + (it & 1) * kSelectTileKeys * kLd;
 
-        for (int chunk = 0; chunk < sh.chunks; ++chunk) {
+        // Power-of-two head counts: S^T = K_c Q^T (keys as the mma rows, query rows as the
+        // columns), so the heads of a token are neighbouring columns of one thread and its quad:
+        // summed in registers with at most two shuffles, in a fixed order.
+        for (int chunk = 0; pow2_heads && chunk < sh.chunks; ++chunk) {
+          if (chunk > 0) col_state(chunk);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            float st[2][4] = {};
+            gemm_16x16_nt<T, kHeadDim>(st, sK + mt * 16 * kLd, kLd, sQ + chunk * kRows * kLd, kLd, lane);
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {  // key rows gid, gid + 8
+              const int kk = mt * 16 + gid + h2 * 8;
+              float v[2][2];  // [nt][e]
+#pragma unroll
+              for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int c = nt * 2 + e;
+                  v[nt][e] = s0 + kk < col_nv[c] ? exp2f(st[nt][h2 * 2 + e] * scale_log2 - col_lse[c]) : 0.f;
+                }
+              if (sh.heads == 1) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                  for (int e = 0; e < 2; ++e) sP[(nt * 8 + 2 * tig + e) * kSelectTileKeys + kk] = v[nt][e];
+                continue;
+              }
+              float u[2] = {v[0][0] + v[0][1], v[1][0] + v[1][1]};  // heads 2tig, 2tig+1 of each half
+              if (sh.heads >= 4) {
+                u[0] += __shfl_xor_sync(0xffffffffu, u[0], 1);
+                u[1] += __shfl_xor_sync(0xffffffffu, u[1], 1);
+              }
+              if (sh.heads >= 8) {
+                u[0] += __shfl_xor_sync(0xffffffffu, u[0], 2);
+                u[1] += __shfl_xor_sync(0xffffffffu, u[1], 2);
+              }
+              if (sh.heads == 16) {
+                if (tig == 0) {
+                  float* dst = sP + kk;  // one token per warp
+                  *dst = (chunk == 0 ? 0.f : *dst) + (u[0] + u[1]);
+                }
+              } else if ((2 * tig) % sh.heads == 0) {  // the first thread of each token's columns
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) sP[((nt * 8 + 2 * tig) / sh.heads) * kSelectTileKeys + kk] = u[nt];
+              }
+            }
+          }
+          __syncwarp();
+        }
+        for (int chunk = 0; !pow2_heads && chunk < sh.chunks; ++chunk) {
           float acc[4][4] = {};
           gemm_16x32_nt<T, kHeadDim>(acc, sQ + chunk * kRows * kLd, kLd, sK, kLd, gid, tig);
           if (chunk > 0) row_state(chunk);
@@ -242,49 +329,27 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
                 x = nn * 8 + 2 * tig + e < vis ? exp2f(x * scale_log2 - row_lse[ri]) : 0.f;
               }
           }
-          // Heads of a token summed in a fixed order (reproducible selection); chunks of one
-          // token (G > 16) add up in chunk order. Power-of-two head counts sum in registers: the
-          // heads of a token are the rows of consecutive gid (and both halves when 16).
-          if (pow2_heads) {
-            const int span = min(sh.heads, 8);  // row groups summed by shuffles
-  #pragma unroll
+          // Other head counts: rows to shared memory, heads summed by token (fixed order).
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
             for (int nn = 0; nn < 4; ++nn)
-  #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float lo = acc[nn][e], hi = acc[nn][2 + e];
-                if (sh.heads == 16) lo += hi;
-                for (int off = 4; off < 4 * span; off <<= 1) {
-                  lo += __shfl_xor_sync(0xffffffffu, lo, off);
-                  hi += __shfl_xor_sync(0xffffffffu, hi, off);
-                }
-                if (gid % span == 0) {
-                  const int kk = nn * 8 + 2 * tig + e;
-                  const int tok_lo = gid / sh.heads, tok_hi = (gid + 8) / sh.heads;
-                  float* d_lo = sP + tok_lo * kSelectTileKeys + kk;
-                  *d_lo = (chunk == 0 ? 0.f : *d_lo) + lo;
-                  if (sh.heads < 16) sP[tok_hi * kSelectTileKeys + kk] = hi;  // one chunk when heads < 16
-                }
-              }
-            __syncwarp();
-          } else {
-  #pragma unroll
-            for (int ri = 0; ri < 2; ++ri)
-  #pragma unroll
-              for (int nn = 0; nn < 4; ++nn)
-  #pragma unroll
-                for (int e = 0; e < 2; ++e) sS[(gid + ri * 8) * kLdS + nn * 8 + 2 * tig + e] = acc[nn][ri * 2 + e];
-            __syncwarp();
-            for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
-              const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
-              float sum = chunk == 0 ? 0.f : sP[w];
-              for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
-              sP[w] = sum;
-            }
-            __syncwarp();
+#pragma unroll
+              for (int e = 0; e < 2; ++e) sS[(gid + ri * 8) * kLdS + nn * 8 + 2 * tig + e] = acc[nn][ri * 2 + e];
+          __syncwarp();
+          for (int w = lane; w < sh.tokens * kSelectTileKeys; w += 32) {
+            const int tok = w / kSelectTileKeys, kk = w % kSelectTileKeys;
+            float sum = chunk == 0 ? 0.f : sP[w];
+            for (int h = 0; h < sh.heads; ++h) sum += sS[(tok * sh.heads + h) * kLdS + kk];
+            sP[w] = sum;
           }
+          __syncwarp();
         }
 
-        if (sh.chunks > 1) row_state(0);
+        if (sh.chunks > 1) {
+          if (pow2_heads) col_state(0);
+          else row_state(0);
+        }
         // 3. block sums: (token, block) pairs, ascending keys inside each.
         const int jlo = static_cast<int>(s0) * d / lp;
         for (int w = lane; w < sh.tokens * open_cap; w += 32) {
