@@ -180,3 +180,19 @@ def test_empty_and_one_token_sequences():
     # An empty batch.
     y = nsa_cuda.compress(torch.randn(0, 64, 2, 16), block=16, stride=8)
     assert y.shape == (0, 7, 2, 16)
+
+
+@pytest.mark.parametrize("fn,kwargs,name", [
+    ("compress", dict(block=2 ** 21, stride=16), "block"),
+    ("compressed_attention", dict(block=2 ** 21, stride=16), "block"),
+    ("select_blocks", dict(sel_block=2 ** 21), "sel_block"),
+])
+def test_huge_block_sizes_rejected(fn, kwargs, name):
+    # block sizes beyond 2^20 would overflow 32-bit tile arithmetic in the kernels
+    x = torch.randn(1, 40, 2, 16)
+    q = torch.randn(1, 40, 4, 16)
+    kc = torch.randn(1, 2, 2, 16)
+    lse = torch.zeros(1, 40, 4)
+    args = {"compress": (x,), "compressed_attention": (q, kc, kc), "select_blocks": (q, kc, lse)}[fn]
+    with pytest.raises(ValueError, match=f"'{name}' must be at most"):
+        getattr(nsa_cuda, fn)(*args, **kwargs)

@@ -7,6 +7,7 @@
 # --quick     build only bf16 + sm_90a (faster iteration); default is the full build
 # --sanitize  also run compute-sanitizer memcheck/racecheck/synccheck on small cases
 # --no-bench  skip the benchmarks; --bench NAME runs only bench_NAME* (C++ and Python)
+# --long      also run the 1M-token tests (NSA_LONG_TESTS=1; minutes, ~90 GB of GPU memory)
 # The GPU machine has no package registry: carry the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1 ;;
     --sanitize) SANITIZE=1 ;;
     --no-bench) BENCH=0 ;;
+    --long) export NSA_LONG_TESTS=1 ;;
     --tests) TEST_EXPR="$2"; shift ;;
     --bench) BENCH_GLOB="bench_$2*"; shift ;;
     *) echo "unknown flag $1"; exit 2 ;;

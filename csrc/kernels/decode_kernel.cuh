@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "half_convert.cuh"
+
 #include <cmath>
 
 #include "decode.h"
@@ -44,20 +46,6 @@ struct AttnCfg {
     return kTileBytes + kStatBytes + (score_cols > 0 ? static_cast<size_t>(kRows) * (score_cols + 8) * sizeof(float) : 0);
   }
 };
-
-template <typename T>
-__device__ __forceinline__ float to_f(T x);
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 // Tokens of the sequence including the new one; cache_seqlens outside [0, S] are clamped.
 __device__ __forceinline__ int seq_len_of(const DecodeParams& p, int b) {

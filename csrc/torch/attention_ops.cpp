@@ -687,6 +687,26 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 
 #ifdef NSA_WITH_CUDA
 
+// delta = rowsum(dout * out) in fp32, minus dlse: the backward's per-row constant. Computed in
+// chunks of rows along the first non-unit leading dim so its fp32 temporaries stay bounded (the
+// one-shot form needs ~3 x 34 GB at 1M tokens x 64 heads x 128); each row's sum is the same.
+Tensor backward_delta(const Tensor& dout, const Tensor& out, const c10::optional<Tensor>& dlse) {
+  std::vector<int64_t> shape(out.sizes().begin(), out.sizes().end() - 1);
+  Tensor delta = at::empty(shape, out.options().dtype(at::kFloat));
+  int64_t cd = 0;  // chunked dim
+  while (cd + 2 < out.dim() && out.size(cd) == 1) ++cd;
+  const int64_t n = out.size(cd), per_index = n > 0 ? out.numel() / n : 0;
+  constexpr int64_t kChunkElems = int64_t(1) << 28;  // 1 GiB per fp32 temporary
+  const int64_t step = std::max<int64_t>(1, per_index > 0 ? kChunkElems / per_index : n);
+  for (int64_t s = 0; s < n; s += step) {
+    const int64_t len = std::min(step, n - s);
+    delta.narrow(cd, s, len)
+        .copy_(dout.narrow(cd, s, len).to(at::kFloat).mul(out.narrow(cd, s, len).to(at::kFloat)).sum(-1));
+  }
+  if (dlse.has_value()) delta.sub_(*dlse);
+  return delta;
+}
+
 std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
                                              int64_t block, int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
   prepare_attn(kCmpFwd, nsa::AttnMode::kCompressed, q_in, k_in, v_in, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
@@ -719,9 +739,7 @@ std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout_in, cons
   AttnArgs a = prepare_attn(kCmpBwd, nsa::AttnMode::kCompressed, q, k, v, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
                             nullptr, cu_seqlens, false);
   const Tensor lse_c = lse.contiguous();
-  Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
-  if (dlse.has_value()) delta = delta.sub(*dlse);
-  delta = delta.contiguous();
+  const Tensor delta = backward_delta(dout, out, dlse);
   const auto c = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
   Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));  // gap rows stay zero
@@ -813,9 +831,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
   const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
   AttnArgs a = prepare_attn(op, mode, q, k, v, "k", "v", scale, 0, 0, sel_block, window, block_idx, cu_seqlens, false);
   const Tensor lse_c = lse.contiguous();
-  Tensor delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(-1);
-  if (dlse.has_value()) delta = delta.sub(*dlse);
-  delta = delta.contiguous();
+  const Tensor delta = backward_delta(dout, out, dlse);
   const auto c = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
   // keys of no sequence, and blocks no token selected, are not written by the kernels: zeros

@@ -58,12 +58,18 @@ inline void check_positive(int64_t v, const char* op, const char* name) {
 }
 
 // DESIGN §1: d | l and d | l'.
+constexpr int64_t kMaxBlock = int64_t(1) << 20;
+
 inline void check_block_stride(int64_t block, int64_t stride, const char* op, const char* block_name,
                                const char* stride_name) {
   check_positive(block, op, block_name);
   check_positive(stride, op, stride_name);
   TORCH_CHECK_VALUE(block % stride == 0, op, ": '", stride_name, "' (", stride, ") must divide '", block_name,
                     "' (", block, ")");
+  // Block sizes enter 32-bit index arithmetic in the kernels (products with tile sizes): bounded
+  // far above any useful value.
+  TORCH_CHECK_VALUE(block <= kMaxBlock, op, ": argument '", block_name, "' must be at most ", kMaxBlock, ", got ",
+                    block);
 }
 
 // int32 [B+1] on the data's device, cu[0] = 0, non-decreasing, cu[B] = total. The values are

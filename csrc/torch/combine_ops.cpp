@@ -15,7 +15,8 @@ namespace nsa_torch {
 
 bool combine_cuda_applies(const at::Tensor& o_cmp) {
   const auto st = o_cmp.scalar_type();
-  return o_cmp.is_cuda() && (st == at::kHalf || st == at::kBFloat16) && o_cmp.dim() >= 1 && o_cmp.size(-1) % 8 == 0;
+  return o_cmp.is_cuda() && (st == at::kHalf || st == at::kBFloat16) && o_cmp.dim() >= 1 && o_cmp.size(-1) % 8 == 0 &&
+         o_cmp.size(-1) <= INT32_MAX;
 }
 
 namespace {
