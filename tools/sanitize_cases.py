@@ -46,6 +46,7 @@ def main() -> None:
         kp = nsa_cuda.compress(torch.randn(2, 45, 2, 128, device="cuda", dtype=torch.bfloat16))
         o, lse = nsa_cuda.compressed_attention(qp, kp, kp)
         nsa_cuda.select_blocks(qp, kp, lse, top_n=2)
+    wide_head_dims(lens, cu)
     torch.cuda.synchronize()
     print("sanitize cases done")
     # decode: one step against a cache, ragged lengths (incl. 0, < cmp_block, more blocks than
@@ -61,6 +62,32 @@ def main() -> None:
                             window=64)
     torch.cuda.synchronize()
     print("decode sanitize cases done")
+
+
+def wide_head_dims(lens, cu, device="cuda") -> None:
+    """Backward of the three branches at (192, 128) and (256, 256): the dQ kernels' 84 KB CTAs
+    and, at D = 256, 8-warp CTAs whose warp pairs share the Q / dO rows and split the dQ
+    columns; G = 32 takes two head chunks."""
+    n = sum(lens)
+    for Dk, Dv in ((192, 128), (256, 256)):
+        for G in (4, 32):
+            q = torch.randn(n, 2 * G, Dk, device=device, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(n, 2, Dk, device=device, dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(n, 2, Dv, device=device, dtype=torch.bfloat16, requires_grad=True)
+            # blocks 0..2 where the row's sequence has them (the CPU path rejects others)
+            nb = torch.tensor([(L + 63) // 64 for L in lens for _ in range(L)], dtype=torch.int32, device=device)
+            idx = torch.randint(-1, 3, (n, 2, 3), dtype=torch.int32, device=device)
+            idx = torch.minimum(idx, (nb - 1)[:, None, None]).sort(-1).values
+            o, _ = nsa_cuda.window_attention(q, k, v, window=17, cu_seqlens=cu)
+            o.float().sum().backward()
+            o, _ = nsa_cuda.selected_attention(q, k, v, idx, sel_block=64, cu_seqlens=cu)
+            o.float().sum().backward()
+            kc = nsa_cuda.compress(k.detach(), cu_seqlens=cu)
+            vc = nsa_cuda.compress(v.detach(), cu_seqlens=cu)
+            kc.requires_grad_(True)
+            vc.requires_grad_(True)
+            o, _ = nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=cu)
+            o.float().sum().backward()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 // 16 query rows (sparse_attn_common.cuh's layout); thread (gid, tig) holds rows gid and gid + 8.
 #pragma once
 
-#include "sparse_attn_common.cuh"
+#include "attn_cta_walk.cuh"
 
 namespace nsa {
 namespace sparse_detail {
@@ -82,41 +82,6 @@ __device__ __forceinline__ void fwd_epilogue(const AttnParams& p, const RowMap& 
           lsum > 0.f ? m_run[ri] * p.scale + logf(lsum) : -INFINITY;
   }
 }
-
-// This warp's slice [warp * P, (warp + 1) * P) of a CTA-level pass, as a pass over its own P
-// token slots (empty when the CTA's pass does not reach the warp's slots).
-__device__ __forceinline__ Pass warp_pass(const Pass& cps, int warp, int P) {
-  Pass wps = cps;
-  wps.t0 = cps.t0 + static_cast<index_t>(warp) * P;
-  wps.p_begin = max(cps.p_begin - warp * P, 0);
-  wps.p_end = min(cps.p_end - warp * P, P);
-  if (wps.p_begin >= wps.p_end) wps.p_begin = wps.p_end = 0;
-  return wps;
-}
-
-// cp.async of rows [s0, s0 + kTileRows) of a [.., D] tensor by all kThreads threads of the CTA;
-// rows outside [0, n_rows) are zero-filled without being read.
-template <typename T, int kDim, int kTileRows, int kThreads>
-__device__ __forceinline__ void load_rows_cta(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
-                                              index_t s0, index_t n_rows, int tid) {
-  constexpr int kVec = kDim / 8;
-#pragma unroll
-  for (int i = tid; i < kTileRows * kVec; i += kThreads) {
-    const int r = i / kVec, c = (i % kVec) * 8;
-    const index_t s = s0 + r;
-    const bool on = s >= 0 && s < n_rows;
-    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
-  }
-}
-
-// Offset of key x relative to a tile starting at s0, clamped to [-1, kBlockN + 1] so that
-// in-tile compares can be 32-bit.
-__device__ __forceinline__ int tile_offset(index_t x, index_t s0) {
-  const index_t r = x - s0;
-  return r < -1 ? -1 : (r > kBlockN + 1 ? kBlockN + 1 : static_cast<int>(r));
-}
-
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 }  // namespace sparse_detail
 }  // namespace nsa

@@ -13,21 +13,19 @@ Status run_cmp_attn_fwd(const AttnParams& p, cudaStream_t stream) {
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
-  using Cfg = sparse_detail::BwdConfig<kHeadDim, kHeadDimV>;
+  using Cfg = sparse_detail::DqConfig<kHeadDim, kHeadDimV>;
   constexpr int kRows = sparse_detail::kRows;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
   const int G = p.heads_q / p.heads_kv;
-  const int tokens = G >= kRows ? 1 : kRows / G;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  const index_t dq_items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
-                                        : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
-  if (dq_items == 0) return Status{};
+  const index_t dq_ctas = sparse_detail::dq_ctas<Cfg::kRowGroups>(p);
+  if (dq_ctas == 0) return Status{};
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks"};
-  auto dq_kernel = sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>;
-  cudaError_t e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDqSmemBytes);
-  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  dq_kernel<<<dim3(static_cast<unsigned>((dq_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks),
-              Cfg::kThreads, Cfg::kDqSmemBytes, stream>>>(p);
+  // dQ: one CTA per group of consecutive tokens (attn_bwd_dq.cuh).
+  const Status st = sparse_detail::launch_dq(sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads,
+                                             Cfg::kRangeSmemBytes, dq_ctas, p, stream);
+  if (!st.ok()) return st;
+  cudaError_t e;
   // dK/dV: split the key tiles' query rows only when the caller gave the workspace
   // (sparse_attn_bwd_workspace_bytes(p) with mode kCompressed); without it, one chunk per tile.
   using KvCfg = dkdv::Cfg<kHeadDim, kHeadDimV>;

@@ -7,7 +7,8 @@
 // once, loading every 32-key K/V tile cooperatively into a two-stage cp.async pipeline (the next
 // tile streams in while the current one is multiplied), and each warp multiplies only the tiles
 // its own tokens need. Compared with one private tile per warp, global / L2 traffic drops by
-// the number of warps and load latency hides behind the tensor-core work.
+// the number of warps and load latency hides behind the tensor-core work. Key ranges and the
+// pipeline (RangeKeys, range_tile_loop: attn_cta_walk.cuh) are shared with the dQ kernel.
 #pragma once
 
 #include "cmp_attn.h"
@@ -26,13 +27,6 @@ struct RangeFwdConfig {
   static constexpr int kSmemBytes = (kWarps * kRows * kLdQK + 2 * kStageElems) * 2;
 };
 
-// Compressed tokens visible to position t (DESIGN §1.2: i*d + l - 1 <= t).
-__device__ __forceinline__ index_t num_visible(index_t t, int nc, int l, int d) {
-  if (t + 1 < l) return 0;
-  const index_t v = (t - l + 1) / d + 1;
-  return v < nc ? v : nc;
-}
-
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
 __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
     range_attn_fwd_kernel(const AttnParams p) {
@@ -49,36 +43,19 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
-  const int l = p.cmp_block, d = p.cmp_stride;
 
   Pass ps;
   for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
     const int b = ps.b;
-    const index_t row_begin = ps.row_begin;
     const Pass wps = warp_pass(ps, warp, P);
     const bool warp_on = wps.p_begin < wps.p_end;
 
-    int nc = 0;
-    index_t kv_row_begin = row_begin, n_keys = ps.seq_len;
-    if (kCompressed) {
-      nc = num_compressed(ps.seq_len, l, d);
-      kv_row_begin = packed ? compressed_row_begin(p.cu_seqlens, b, p.total_rows, d) : 0;
-      n_keys = nc;
-    }
+    const RangeKeys<kCompressed> rk(p, ps);
+    const index_t kv_row_begin = rk.kv_row_begin, n_keys = rk.n_keys;
     // Key range of the CTA and of this warp, [lo, hi).
-    auto range_of = [&](index_t t_first, index_t t_last, index_t& lo, index_t& hi) {
-      if (kCompressed) {
-        lo = 0;
-        hi = num_visible(t_last, nc, l, d);
-      } else {
-        lo = t_first - p.window + 1;
-        lo = lo < 0 ? 0 : (lo / kBlockN) * kBlockN;
-        hi = t_last + 1;
-      }
-    };
     index_t lo, hi, w_lo = 0, w_hi = 0;
-    range_of(ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    if (warp_on) range_of(wps.t0 + wps.p_begin, wps.t0 + wps.p_end - 1, w_lo, w_hi);
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    if (warp_on) rk.tiles_of(p, wps.t0 + wps.p_begin, wps.t0 + wps.p_end - 1, w_lo, w_hi);
     const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kBlockN - 1) / kBlockN) : 0;
 
     const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
@@ -104,24 +81,14 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
       const int r = gid + ri * 8;
       row_tok[ri] = r / rm.heads;
       row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
-      const index_t t = wps.t0 + row_tok[ri];
-      row_lo[ri] = kCompressed ? 0 : t - p.window + 1;
-      row_hi[ri] = !row_on[ri] ? 0 : kCompressed ? num_visible(t, nc, l, d) : t + 1;
+      rk.row_keys(p, wps.t0 + row_tok[ri], row_on[ri], row_lo[ri], row_hi[ri]);
     }
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float o_acc[kHeadDimV / 8][4];
 #pragma unroll
     for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
 
-    for (int it = 0; it < n_tiles; ++it) {
-      if (it + 1 < n_tiles) {
-        load_tile(it + 1);
-        mma::cp_async_commit();
-        cp_async_wait_one();
-      } else {
-        mma::cp_async_wait_all();
-      }
-      __syncthreads();
+    range_tile_loop(n_tiles, load_tile, [&](int it) {
       const index_t s0 = lo + static_cast<index_t>(it) * kBlockN;
       if (warp_on && s0 < w_hi && s0 + kBlockN > w_lo) {
         const T* sK = sStage + (it & 1) * Cfg::kStageElems;
@@ -133,9 +100,7 @@ __global__ void __launch_bounds__(RangeFwdConfig<kHeadDim, kHeadDimV>::kThreads)
                                            return ri == 0 ? kk >= lo0 && kk < hi0 : kk >= lo1 && kk < hi1;
                                          });
       }
-      __syncthreads();  // the next iteration's load overwrites this stage
-    }
-    mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
+    });
 
     fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
     __syncthreads();  // sQ and the stages are reused by the next pass

@@ -4,8 +4,8 @@
 //   P = exp(scale * Q K^T - lse),  dP = dO V^T,  dS = P * (dP - delta)
 //   dQ = scale * dS K,   dK = scale * dS^T Q,   dV = P^T dO
 //
-// dQ: the forward's warp layout (16 query rows walking their key tiles), accumulating dQ in
-// registers. dK/dV: CTAs of 64 keys sharing each Q / dO tile, the rows of a key tile split into
+// dQ: the forward's CTA layout and key walks (attn_bwd_dq.cuh), accumulating dQ in registers.
+// dK/dV: CTAs of 64 keys sharing each Q / dO tile, the rows of a key tile split into
 // chunks over several CTAs (attn_bwd_dkdv.cuh). Window: the tokens [s, s + w - 1] of each key,
 // one chunk per tile (every tile has about (64 + w) * G rows: no long tail). Selected: the
 // tokens that chose the keys' block, from per-(sequence, KV head, block) lists built on the GPU
@@ -15,126 +15,26 @@
 #pragma once
 
 #include "attn_bwd_dkdv.cuh"
-#include "sparse_attn_common.cuh"
+#include "attn_bwd_dq.cuh"
 
 namespace nsa {
 namespace sparse_detail {
 
-template <int kHeadDim, int kHeadDimV>
-struct BwdConfig {
-  static constexpr int kWarps = kHeadDim <= 128 ? 4 : 2;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kLdQK = kHeadDim + 8;
-  static constexpr int kLdV = kHeadDimV + 8;
-  // dQ: Q, dO (16 rows) + K, V (32 keys)
-  static constexpr int kDqElemsPerWarp = kRows * kLdQK + kRows * kLdV + kBlockN * kLdQK + kBlockN * kLdV;
-  static constexpr int kDqSmemBytes = kWarps * kDqElemsPerWarp * 2;
-};
-
 // ---------------------------------------------------------------------------------------------
-// dQ
+// dQ (attn_bwd_dq.cuh): the forward's CTA walks. Selected blocks here; the window's contiguous
+// key ranges in the kernel after it.
 template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(BwdConfig<kHeadDim, kHeadDimV>::kThreads)
+__global__ void __launch_bounds__(DqConfig<kHeadDim, kHeadDimV>::kThreads, DqConfig<kHeadDim, kHeadDimV>::kMinCtasPerSm)
     sparse_attn_bwd_dq_kernel(const AttnBwdParams p) {
-  using Cfg = BwdConfig<kHeadDim, kHeadDimV>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gid = lane >> 2, tig = lane & 3;
-  T* sQ = reinterpret_cast<T*>(smem_raw) + warp * Cfg::kDqElemsPerWarp;
-  T* sdO = sQ + kRows * Cfg::kLdQK;
-  T* sK = sdO + kRows * Cfg::kLdV;
-  T* sV = sK + kBlockN * Cfg::kLdQK;
+  sel_dq<T, kHeadDim, kHeadDimV>(p, smem_raw);
+}
 
-  const RowMap rm = query_row_map(p);
-  Group gr;
-  if (!group_of(p, rm.tokens, static_cast<index_t>(blockIdx.x) * Cfg::kWarps + warp, gr)) return;
-  const float scale_log2 = p.scale * kLog2e;
-  const bool packed = p.cu_seqlens != nullptr;
-  const bool selected = p.mode == AttnMode::kSelected;
-
-  Pass ps;
-  for (int pb = 0; next_pass(p, rm.tokens, gr, pb, 0, ps); pb = ps.p_end) {
-    const int b = ps.b;
-    const index_t row_begin = ps.row_begin, t0 = ps.t0;
-    const int seq_len = ps.seq_len;
-    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
-    const T* dout = static_cast<const T*>(p.dout) + (packed ? 0 : b * p.dout_stride.batch);
-    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
-    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
-
-    load_query_rows_async<T, kHeadDim>(sQ, Cfg::kLdQK, q, p.q_stride, rm, ps, lane);
-    load_query_rows_async<T, kHeadDimV>(sdO, Cfg::kLdV, dout, p.dout_stride, rm, ps, lane);
-    mma::cp_async_commit();
-
-    int row_tok[2];
-    bool row_on[2];
-    float lse_l2[2], delta[2];
-    const index_t lse_b = packed ? 0 : b * p.lse_batch_stride;
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int r = gid + ri * 8;
-      row_tok[ri] = r / rm.heads;
-      row_on[ri] = r < rm.tokens * rm.heads && row_tok[ri] >= ps.p_begin && row_tok[ri] < ps.p_end;
-      lse_l2[ri] = INFINITY;
-      delta[ri] = 0.f;
-      if (row_on[ri]) {
-        const index_t at = lse_b + (row_begin + t0 + row_tok[ri]) * p.lse_row_stride + rm.head0 + r % rm.heads;
-        const float l = p.lse[at];
-        // A row with no key (lse = -inf) has P = 0 everywhere: make exp2(x - lse) vanish.
-        lse_l2[ri] = l == -INFINITY ? INFINITY : l * kLog2e;
-        delta[ri] = p.delta[at];
-      }
-    }
-    float dq_acc[kHeadDim / 8][4];
-#pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) dq_acc[n][0] = dq_acc[n][1] = dq_acc[n][2] = dq_acc[n][3] = 0.f;
-    mma::cp_async_wait_all();
-    __syncwarp();
-
-    walk_key_tiles(p, ps, rm.g, lane, [&](index_t s0, unsigned tokmask) {
-      load_rows_async<T, kHeadDim, kBlockN>(sK, Cfg::kLdQK, k, p.k_stride.row, row_begin, s0, seq_len, lane);
-      load_rows_async<T, kHeadDimV, kBlockN>(sV, Cfg::kLdV, v, p.v_stride.row, row_begin, s0, seq_len, lane);
-      mma::cp_async_commit();
-      mma::cp_async_wait_all();
-      __syncwarp();
-
-      float s_acc[4][4] = {};
-      gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, Cfg::kLdQK, sK, Cfg::kLdQK, gid, tig);   // S = Q K^T
-      float dp_acc[4][4] = {};
-      gemm_16x32_nt<T, kHeadDimV>(dp_acc, sdO, Cfg::kLdV, sV, Cfg::kLdV, gid, tig);  // dP = dO V^T
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const index_t t = t0 + row_tok[ri];
-        const bool tok_on = row_on[ri] && ((tokmask >> row_tok[ri]) & 1u);
-        const index_t lo = selected ? 0 : t - p.window + 1;
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const index_t s = s0 + n * 8 + 2 * tig + e;
-            const bool ok = tok_on && s <= t && s >= lo && s < seq_len;
-            const float pr = ok ? exp2f(s_acc[n][ri * 2 + e] * scale_log2 - lse_l2[ri]) : 0.f;
-            s_acc[n][ri * 2 + e] = pr * (dp_acc[n][ri * 2 + e] - delta[ri]);  // dS
-          }
-      }
-      gemm_16x32_regs_nn<T, kHeadDim>(dq_acc, s_acc, sK, Cfg::kLdQK, gid, tig);  // dQ += dS K
-      __syncwarp();
-    });
-
-    T* dq = static_cast<T*>(p.dq) + (packed ? 0 : b * p.dq_stride.batch);
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      if (!row_on[ri]) continue;
-      const int r = gid + ri * 8;
-      T* row = dq + (row_begin + t0 + row_tok[ri]) * p.dq_stride.row +
-               static_cast<index_t>(rm.head0 + r % rm.heads) * p.dq_stride.head;
-#pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n)
-        *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * tig) =
-            mma::pack2<T>(dq_acc[n][ri * 2] * p.scale, dq_acc[n][ri * 2 + 1] * p.scale);
-    }
-    __syncwarp();
-  }
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(DqConfig<kHeadDim, kHeadDimV>::kThreads, DqConfig<kHeadDim, kHeadDimV>::kMinCtasPerSm)
+    sparse_attn_bwd_dq_window_kernel(const AttnBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  range_dq<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, smem_raw);
 }
 
 // ---------------------------------------------------------------------------------------------

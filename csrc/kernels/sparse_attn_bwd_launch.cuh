@@ -12,22 +12,23 @@ namespace nsa {
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const int* sorted_tokens, index_t num_pairs,
                            cudaStream_t stream) {
-  using Cfg = sparse_detail::BwdConfig<kHeadDim, kHeadDimV>;
+  using Cfg = sparse_detail::DqConfig<kHeadDim, kHeadDimV>;
   using KvCfg = dkdv::Cfg<kHeadDim, kHeadDimV>;
   constexpr int kRows = sparse_detail::kRows;
   const int G = p.heads_q / p.heads_kv;
-  const int tokens = G >= kRows ? 1 : kRows / G;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  const index_t dq_items =
-      p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
-  if (dq_items == 0) return Status{};
+  const index_t dq_ctas = sparse_detail::dq_ctas<Cfg::kRowGroups>(p);
+  if (dq_ctas == 0) return Status{};
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
 
-  auto dq_kernel = sparse_detail::sparse_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>;
-  cudaError_t e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kDqSmemBytes);
-  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  dq_kernel<<<dim3(static_cast<unsigned>((dq_items + Cfg::kWarps - 1) / Cfg::kWarps), p.heads_kv * chunks),
-              Cfg::kThreads, Cfg::kDqSmemBytes, stream>>>(p);
+  // dQ: one CTA per group of consecutive tokens (attn_bwd_dq.cuh).
+  Status st = p.mode == AttnMode::kWindow
+                  ? sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_window_kernel<T, kHeadDim, kHeadDimV>,
+                                             Cfg::kThreads, Cfg::kRangeSmemBytes, dq_ctas, p, stream)
+                  : sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>,
+                                             Cfg::kThreads, Cfg::kSelSmemBytes, dq_ctas, p, stream);
+  if (!st.ok()) return st;
+  cudaError_t e;
 
   if (p.mode == AttnMode::kWindow) {
     const index_t ctas = dkdv::range_slots(p) * p.heads_kv;

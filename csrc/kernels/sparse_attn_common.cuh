@@ -1,7 +1,7 @@
 // Pieces shared by the grouped sparse attention kernels (forward, dQ, dK/dV): how a warp's 16
 // rows map to (token, head) pairs, how a group of consecutive positions splits into passes that
-// stay inside one sequence, the walk over key tiles (union of selected blocks / window), and
-// asynchronous tile loads.
+// stay inside one sequence, query-row loads and the ldmatrix-fed 16 x 32 products. The CTA
+// walks over key tiles are in attn_cta_walk.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -102,71 +102,14 @@ __device__ __forceinline__ bool next_pass(const AttnParams& p, int tokens, const
   return p_end > p_begin;
 }
 
-// Calls step(s0, tokmask) for every 32-key tile the pass's tokens attend, in ascending order:
-// the union of their selected blocks (tokmask: which tokens of the group selected the tile's
-// block; lists need not be sorted, duplicates and negative or out-of-range entries are
-// ignored), or the union of their windows (tokmask all ones).
-template <class Step>
-__device__ __forceinline__ void walk_key_tiles(const AttnParams& p, const Pass& ps, int g, int lane, Step&& step) {
-  const index_t t_first = ps.t0 + ps.p_begin, t_last = ps.t0 + ps.p_end - 1;
-  if (p.mode == AttnMode::kSelected) {
-    const int* list = nullptr;
-    const bool lane_tok = lane >= ps.p_begin && lane < ps.p_end;
-    if (lane_tok)
-      list = p.block_idx + (p.cu_seqlens ? 0 : ps.b * p.block_idx_stride.batch) +
-             (ps.row_begin + ps.t0 + lane) * p.block_idx_stride.row + static_cast<index_t>(g) * p.block_idx_stride.head;
-    const int n_blocks_seq = (ps.seq_len + p.sel_block - 1) / p.sel_block;
-    int last = -1;
-    while (true) {
-      int next = INT_MAX;
-      if (lane_tok)
-        for (int i = 0; i < p.top_n; ++i) {
-          const int j = __ldg(list + i);
-          if (j > last && j < next && j < n_blocks_seq) next = j;
-        }
-      int j = next;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) j = min(j, __shfl_xor_sync(0xffffffffu, j, off));
-      if (j == INT_MAX) break;
-      const unsigned tokmask = __ballot_sync(0xffffffffu, lane_tok && next == j);
-      const index_t blk0 = static_cast<index_t>(j) * p.sel_block;
-      for (int sub = 0; sub < p.sel_block; sub += kBlockN) {
-        const index_t s0 = blk0 + sub;
-        if (s0 > t_last || s0 >= ps.seq_len) break;
-        step(s0, tokmask);
-      }
-      last = j;
-    }
-  } else {
-    index_t lo = t_first - p.window + 1;
-    lo = lo < 0 ? 0 : (lo / kBlockN) * kBlockN;
-    for (index_t s0 = lo; s0 <= t_last; s0 += kBlockN) step(s0, 0xffffffffu);
-  }
-}
-
-// cp.async of kTileRows consecutive sequence rows [s0, s0 + kTileRows) of a [.., D] tensor into a
-// padded shared tile; rows outside [0, seq_len) are zero-filled without being read. Does not
-// wait: the caller commits and waits once for all its tiles.
-template <typename T, int kDim, int kTileRows>
-__device__ __forceinline__ void load_rows_async(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
-                                                index_t s0, int seq_len, int lane) {
-  constexpr int kVec = kDim / 8;
-#pragma unroll
-  for (int i = lane; i < kTileRows * kVec; i += 32) {
-    const int r = i / kVec, c = (i % kVec) * 8;
-    const index_t s = s0 + r;
-    const bool on = s >= 0 && s < seq_len;
-    mma::cp_async_16(dst + r * ld + c, on ? base + (row_begin + s) * row_stride + c : base, on);
-  }
-}
-
-// cp.async of the warp's 16 query-side rows (token of the group, head) of a [.., HQ, D] tensor.
-template <typename T, int kDim>
+// cp.async of the warp's 16 query-side rows (token of the group, head) of a [.., HQ, D] tensor,
+// by kThreads threads (thread index t): one warp, or the warps that share the rows.
+template <typename T, int kDim, int kThreads = 32>
 __device__ __forceinline__ void load_query_rows_async(T* dst, int ld, const T* base, const Strides3& st,
-                                                      const RowMap& rm, const Pass& ps, int lane) {
+                                                      const RowMap& rm, const Pass& ps, int t) {
   constexpr int kVec = kDim / 8;
 #pragma unroll
-  for (int i = lane; i < kRows * kVec; i += 32) {
+  for (int i = t; i < kRows * kVec; i += kThreads) {
     const int r = i / kVec, c = (i % kVec) * 8;
     const int tok = r / rm.heads, hh = r % rm.heads;
     const bool on = tok >= ps.p_begin && tok < ps.p_end && r < rm.tokens * rm.heads;
