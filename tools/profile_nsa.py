@@ -1,11 +1,12 @@
 """Per-kernel device time of one whole NSA call (nsa_cuda.nsa_attention, forward or
 forward+backward) on random inputs, headline config: where the end-to-end time goes.
 
-    python tools/profile_nsa.py [--T 65536] [--HQ 64] [--backward] [--corr R]
+    python tools/profile_nsa.py [--T 65536] [--HQ 64] [--backward] [--corr R] [--decode B]
 
 --corr R makes neighbouring tokens' queries correlated (q_t = mix of a shared per-R-token
 direction and noise), as in trained models whose adjacent tokens select similar blocks; the
 default (0) is i.i.d. random queries, whose selections are nearly independent per token.
+--decode B profiles one decoding step of B sequences at context T instead (nsa_cuda.decode).
 Prints a table of CUDA kernels sorted by total time (torch.profiler)."""
 from __future__ import annotations
 
@@ -19,6 +20,30 @@ import nsa_cuda
 HP = dict(cmp_block=32, cmp_stride=16, sel_block=64, top_n=16, init_blocks=1, local_blocks=2, window=512)
 
 
+def profile_decode(B: int, T: int, HQ: int, H: int, D: int) -> None:
+    dt = torch.bfloat16
+    k = torch.randn(B, T, H, D, device="cuda", dtype=dt)
+    v = torch.randn(B, T, H, D, device="cuda", dtype=dt)
+    kc = nsa_cuda.compress(k, block=HP["cmp_block"], stride=HP["cmp_stride"])
+    vc = nsa_cuda.compress(v, block=HP["cmp_block"], stride=HP["cmp_stride"])
+    q = torch.randn(B, HQ, D, device="cuda", dtype=dt)
+    gates = [torch.rand(B, HQ, device="cuda", dtype=dt) for _ in range(3)]
+    lens = torch.full((B,), T, dtype=torch.int32, device="cuda")
+
+    def step():
+        return nsa_cuda.decode(q, k, v, kc, vc, lens, *gates, **HP)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(f"decode B={B} T={T} HQ={HQ} H={H} D={D} (10 steps)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=65536)
@@ -27,9 +52,13 @@ def main() -> None:
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--corr", type=int, default=0, help="tokens sharing a query direction (0: i.i.d.)")
+    ap.add_argument("--decode", type=int, default=0, help="profile a decode step of this batch size")
     args = ap.parse_args()
     T, HQ, H, D = args.T, args.HQ, args.H, args.D
     dt = torch.bfloat16
+    if args.decode:
+        profile_decode(args.decode, T, HQ, H, D)
+        return
     torch.manual_seed(0)
     q = torch.randn(1, T, HQ, D, device="cuda", dtype=dt)
     if args.corr > 1:

@@ -59,6 +59,18 @@ struct AttnBwdParams : AttnParams {
   void* workspace = nullptr;  // sparse_attn_bwd_workspace_bytes() bytes (selected mode)
 };
 
+// The backward's per-row constant delta = rowsum(dout * out) - dlse (FlashAttention's
+// dot(dO, O)), fp32, in one pass over dout and out: ATen's form (upcast both, multiply, sum)
+// moved ~6 full-size tensors per branch.
+struct BwdDeltaParams {
+  const void* dout = nullptr; Strides3 dout_stride;  // [B, T, HQ, Dv] / [total, HQ, Dv], rows 16-byte aligned
+  const void* out = nullptr;  Strides3 out_stride;   // like dout
+  const float* dlse = nullptr;  // contiguous [B, T, HQ] / [total, HQ], or nullptr (zero)
+  float* delta = nullptr;       // contiguous, shape of dlse
+  index_t batch = 0, rows = 0;  // padded: B, T; packed: 1, total
+  int heads = 0, dim = 0;       // dim (Dv): multiple of 8
+};
+
 // Block scoring + top-n selection (§1.3-§1.4) from the compressed branch's lse.
 struct SelectParams {
   const void* q = nullptr;    Strides3 q_stride;     // [.., HQ, Dk]

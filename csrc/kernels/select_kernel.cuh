@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
   const int l = sp.cmp_block, d = sp.cmp_stride, lp = sp.sel_block;
   const float scale_log2 = sp.scale * kLog2e;
   const int open_cap = select_open_blocks(l, d, lp);
+  const int a_units = l / d, b_units = lp / d;  // d divides l and l' (checked on the host)
 
   Pass cps;
   for (int pb = 0; next_pass(geo, cta_tokens, gr, pb, 0, cps); pb = cps.p_end) {
@@ -188,6 +189,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
     const index_t my_t = t0 + my_tok;
     const index_t my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
     const int my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
+    const int my_nvis_i = static_cast<int>(my_nvis);  // positions inside one sequence fit in int
     auto finalise_until = [&](int j_end) {
       for (; next_final < j_end; ++next_final) {
         const int j = next_final;
@@ -197,6 +199,49 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
         slot = 0.f;
         topn_insert(top_sc + my_tok * n, top_id + my_tok * n, count, n, s, j);
       }
+    };
+    // The same for every token of the warp (j_end held by the token's lane; called by the whole
+    // warp). With few tokens per warp (G >= 4) one token lane inserting block after block is a
+    // serial chain of shared-memory round trips that the rest of the warp waits on; there, the
+    // lanes read a token's finished blocks in parallel and only those that can enter its list
+    // (list not full, or score above its n-th) are inserted, in ascending block order: the
+    // same list as inserting them all (once full, the n-th score only rises).
+    auto finalise_warp = [&](int j_end) {
+      if (sh.tokens > 4) {
+        if (my_on) finalise_until(j_end);
+        __syncwarp();
+        return;
+      }
+      for (int tk = ps.p_begin; tk < ps.p_end; ++tk) {
+        const int nf = __shfl_sync(0xffffffffu, next_final, tk);
+        const int je = __shfl_sync(0xffffffffu, j_end, tk);
+        const int tb = __shfl_sync(0xffffffffu, my_tblk, tk);
+        float* tsc = top_sc + tk * n;
+        int* tid = top_id + tk * n;
+        for (int j0 = nf; j0 < je; j0 += 32) {
+          const int j = j0 + lane;
+          const bool on = j < je;
+          float s = 0.f;
+          if (on) {
+            const bool forced = j < sp.init_blocks || j > tb - sp.local_blocks;
+            float& slot = ring[tk * kSelectRing + (j & (kSelectRing - 1))];
+            s = forced ? INFINITY : slot;
+            slot = 0.f;
+          }
+          const int cnt = __shfl_sync(0xffffffffu, count, tk);
+          __syncwarp();  // the token lane's list writes of the previous round are visible
+          const float th = cnt == n ? tsc[n - 1] : 0.f;
+          unsigned cand = __ballot_sync(0xffffffffu, on && (cnt < n || s > th));
+          while (cand != 0u) {
+            const int x = __ffs(static_cast<int>(cand)) - 1;
+            cand &= cand - 1u;
+            const float sx = __shfl_sync(0xffffffffu, s, x);
+            if (lane == tk) topn_insert(tsc, tid, count, n, sx, j0 + x);
+          }
+        }
+        if (lane == tk && je > next_final) next_final = je;
+      }
+      __syncwarp();
     };
 
     // Rows of the current chunk: visible keys and lse (log2 units; +inf for rows that are off).
@@ -350,35 +395,38 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
           if (pow2_heads) col_state(0);
           else row_state(0);
         }
-        // 3. block sums: (token, block) pairs, ascending keys inside each.
-        const int jlo = static_cast<int>(s0) * d / lp;
-        for (int w = lane; w < sh.tokens * open_cap; w += 32) {
-          const int tok = w / open_cap, j = jlo + w % open_cap;
-          if (tok < ps.p_begin || tok >= ps.p_end) continue;
-          const int t = static_cast<int>(t0 + tok);  // positions inside one sequence fit in int
-          const int nv = static_cast<int>(num_visible(t, nc, l, d));
-          if (s0 >= nv || j > t / lp) continue;
-          // keys i with i*d < (j+1)*l' and i*d + l > j*l', inside the tile and visible
-          int i_lo = j * lp - l + 1;
-          i_lo = i_lo <= 0 ? 0 : (i_lo + d - 1) / d;
-          int i_hi = ((j + 1) * lp - 1) / d;
-          i_lo = max(i_lo, static_cast<int>(s0));
-          i_hi = min(min(i_hi, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
+        // 3. block sums: (token, block) pairs, ascending keys inside each. In units of the
+        // stride d (which divides l and l'), key i covers [i, i + a) and block j covers
+        // [j b, (j + 1) b): overlaps are integer differences, no division per key. The pairs
+        // are dealt in warp-uniform rounds so the token's lane can broadcast its geometry.
+        const int jlo = static_cast<int>(s0) / b_units;
+        const int pairs = sh.tokens * open_cap;
+        for (int w0 = 0; w0 < pairs; w0 += 32) {
+          const int w = w0 + lane;
+          const int tok = min(w / open_cap, sh.tokens - 1), j = jlo + w % open_cap;
+          const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
+          const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
+          if (w >= pairs || tok < ps.p_begin || tok >= ps.p_end) continue;
+          if (s0 >= nv || j > tb) continue;
+          const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
+          const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
           float sum = 0.f;
           for (int i = i_lo; i <= i_hi; ++i) {
-            const int lo = max(i * d, j * lp), hi = min(i * d + l, (j + 1) * lp);
-            sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>((hi - lo) / d);
+            const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
+            sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
           }
           if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
         }
         __syncwarp();
         // 4. finalise the blocks whose keys are all done.
+        int j_end = next_final;
         if (my_on && s0 < my_nvis) {
           const index_t i_end = s0 + kSelectTileKeys;
-          index_t j_done = i_end >= my_nvis ? my_tblk + 1 : (i_end * d) / lp;
+          index_t j_done = i_end >= my_nvis ? my_tblk + 1 : i_end / b_units;
           if (j_done > my_tblk + 1) j_done = my_tblk + 1;
-          finalise_until(static_cast<int>(j_done));
+          j_end = static_cast<int>(j_done);
         }
+        finalise_warp(j_end);
       }
       __syncwarp();     // reconverge the token lanes before the CTA barrier
       __syncthreads();  // the next iteration's load overwrites this stage
@@ -386,8 +434,8 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
     mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
     __syncwarp();
 
+    finalise_warp(my_on ? my_tblk + 1 : next_final);
     if (my_on) {
-      finalise_until(my_tblk + 1);
       int* sid = top_id + my_tok * n;
       for (int a = 1; a < count; ++a) {  // ascending block indices
         const int x = sid[a];

@@ -26,6 +26,10 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream);
 Status sparse_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
 size_t sparse_attn_bwd_workspace_bytes(const AttnParams& p);
 
+// delta of BwdDeltaParams (attention.h), shared by the three branches' backward. Deterministic
+// (fixed reduction order).
+Status attn_bwd_delta_cuda(const BwdDeltaParams& p, DType dtype, cudaStream_t stream);
+
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const int* sorted_tokens, index_t num_pairs,
                            cudaStream_t stream);

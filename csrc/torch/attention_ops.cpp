@@ -687,23 +687,26 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 
 #ifdef NSA_WITH_CUDA
 
-// delta = rowsum(dout * out) in fp32, minus dlse: the backward's per-row constant. Computed in
-// chunks of rows along the first non-unit leading dim so its fp32 temporaries stay bounded (the
-// one-shot form needs ~3 x 34 GB at 1M tokens x 64 heads x 128); each row's sum is the same.
+// delta = rowsum(dout * out) in fp32, minus dlse: the backward's per-row constant, one
+// memory-bound kernel over dout and out (no fp32 temporaries, also at 1M tokens). dout and out
+// come through aligned16 (16-byte rows), shaped like o.
 Tensor backward_delta(const Tensor& dout, const Tensor& out, const c10::optional<Tensor>& dlse) {
   std::vector<int64_t> shape(out.sizes().begin(), out.sizes().end() - 1);
   Tensor delta = at::empty(shape, out.options().dtype(at::kFloat));
-  int64_t cd = 0;  // chunked dim
-  while (cd + 2 < out.dim() && out.size(cd) == 1) ++cd;
-  const int64_t n = out.size(cd), per_index = n > 0 ? out.numel() / n : 0;
-  constexpr int64_t kChunkElems = int64_t(1) << 28;  // 1 GiB per fp32 temporary
-  const int64_t step = std::max<int64_t>(1, per_index > 0 ? kChunkElems / per_index : n);
-  for (int64_t s = 0; s < n; s += step) {
-    const int64_t len = std::min(step, n - s);
-    delta.narrow(cd, s, len)
-        .copy_(dout.narrow(cd, s, len).to(at::kFloat).mul(out.narrow(cd, s, len).to(at::kFloat)).sum(-1));
-  }
-  if (dlse.has_value()) delta.sub_(*dlse);
+  const Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : Tensor();
+  nsa::BwdDeltaParams p;
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides3(dout);
+  p.out = out.data_ptr();
+  p.out_stride = strides3(out);
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.batch = out.dim() == 4 ? out.size(0) : 1;
+  p.rows = out.size(out.dim() - 3);
+  p.heads = static_cast<int>(out.size(-2));
+  p.dim = static_cast<int>(out.size(-1));
+  check_kernel_status(nsa::attn_bwd_delta_cuda(p, nsa_dtype(out.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()),
+                      "attention backward (delta)");
   return delta;
 }
 

@@ -1,0 +1,31 @@
+// Launch and dispatch of the backward's row constant (attention.h, BwdDeltaParams); both
+// dtypes in this translation unit (a light, memory-bound kernel).
+#include "attn_bwd_delta_kernel.cuh"
+#include "sparse_attn.h"
+#include "static_switch.h"
+
+namespace nsa {
+
+Status attn_bwd_delta_cuda(const BwdDeltaParams& p, DType dtype, cudaStream_t stream) {
+  if (p.dim % 8 != 0 || p.dim <= 0) return Status{2, "attention backward: head_dim_v must be a positive multiple of 8 on CUDA"};
+  const index_t vectors = p.batch * p.rows * p.heads;
+  if (vectors == 0) return Status{};
+  const int chunks = p.dim / 8;
+  const int lanes = chunks <= 8 ? 8 : chunks <= 16 ? 16 : 32;
+  constexpr int kThreads = 256;
+  const index_t warps_needed = (vectors * lanes + 31) / 32;
+  const index_t blocks = (warps_needed + kThreads / 32 - 1) / (kThreads / 32);
+  const unsigned grid = static_cast<unsigned>(blocks < (index_t(1) << 20) ? blocks : (index_t(1) << 20));  // grid-stride beyond
+  return NSA_DTYPE_SWITCH(dtype, T, [&] {
+    if (lanes == 8)
+      delta_detail::attn_bwd_delta_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
+    else if (lanes == 16)
+      delta_detail::attn_bwd_delta_kernel<T, 16><<<grid, kThreads, 0, stream>>>(p);
+    else
+      delta_detail::attn_bwd_delta_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+  });
+}
+
+}  // namespace nsa
