@@ -22,10 +22,13 @@ def packed_positions(cu_seqlens: Tensor, total: int) -> Tensor:
     Row ``r`` of sequence ``b`` (``cu_seqlens[b] <= r < cu_seqlens[b+1]``) gets
     ``r - cu_seqlens[b]``. No data-dependent shapes (traces under ``torch.compile``).
     """
-    cu = cu_seqlens.to(torch.int64)
-    rows = torch.arange(total, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu[1:], rows, right=True).clamp_(max=cu.numel() - 2)
-    return rows - cu[seq]
+    # Boundaries are the caller's cu_seqlens itself (rows in its dtype), not a slice or a cast
+    # of it: Inductor (torch 2.11) cannot lower searchsorted on a sliced buffer. The number of
+    # boundaries <= r, minus one, is r's sequence (empty sequences share a boundary and are
+    # skipped); rows past the last boundary belong to the last sequence.
+    rows = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    seq = (torch.searchsorted(cu_seqlens, rows, right=True) - 1).clamp_(min=0, max=cu_seqlens.numel() - 2)
+    return (rows - cu_seqlens[seq]).to(torch.int64)
 
 
 def apply_rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:

@@ -59,13 +59,6 @@ __device__ __forceinline__ int visible_compressed(const DecodeParams& p, int len
   return nc < p.cache_len_cmp ? nc : p.cache_len_cmp;
 }
 
-// c(i, j) of §1.3: overlap of keys [i*d, i*d + l) with block [j*l', (j+1)*l'), divided by d.
-__device__ __forceinline__ float overlap_weight(index_t i, index_t j, int l, int d, int lp) {
-  const index_t a = i * d, e = a + l, lo = j * lp, hi = lo + lp;
-  const index_t ov = (e < hi ? e : hi) - (a > lo ? a : lo);
-  return ov > 0 ? static_cast<float>(ov / d) : 0.f;
-}
-
 // Compressed tokens that overlap block j: [first, last] (empty when first > last).
 __device__ __forceinline__ void tokens_of_block(index_t j, int l, int d, int lp, index_t& first, index_t& last) {
   const index_t num = j * lp - l + 1;  // i*d + l - 1 >= j*l'
@@ -348,10 +341,14 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
     attend_slice<T, kHeadDim, kHeadDimV, true>(smem, kc, p.kc_stride.row, vc, p.vc_stride.row, pl.chunk_cmp / kTile,
                                                 tile_of, scale_log2, rows, out, sS, ldS, c0);
     // Partial block scores (§1.3) of the slice's tokens, relative to the slice max of each head:
-    // bs[jj] = sum_i c(i, jbase + jj) * exp(scale * (q.k_i - m)), tokens ascending.
+    // bs[jj] = sum_i c(i, jbase + jj) * exp(scale * (q.k_i - m)), tokens ascending. In units of
+    // the stride d (which divides l and l'), token i covers [i, i + a) and block j covers
+    // [j b, (j + 1) b): bounds and overlaps are integer differences (the 64-bit divisions per
+    // (head, block, token) they replace dominated the kernel). Positions fit in int (cache_len).
     const float* sMw = reinterpret_cast<const float*>(smem + Cfg::kTileBytes);
-    const int l = p.cmp_block, d = p.cmp_stride, lp = p.sel_block, nbc = pl.nbc;
-    const index_t jbase = c0 * d / lp;
+    const int a_units = p.cmp_block / p.cmp_stride, b_units = p.sel_block / p.cmp_stride, nbc = pl.nbc;
+    const int c0i = static_cast<int>(c0), c_last = static_cast<int>(c_end) - 1;
+    const int jbase = c0i / b_units;
     float* bs_out = bs + ((static_cast<index_t>(b) * p.heads_kv + g) * pl.splits_cmp + split) * G * nbc +
                     static_cast<index_t>(h_in_group) * nbc;
     for (int idx = threadIdx.x; idx < rows * nbc; idx += kThreads) {
@@ -361,13 +358,14 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
       for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sMw[w * kRows + r]);
       float acc = 0.f;
       if (M != -INFINITY) {
-        const index_t j = jbase + jj;
-        index_t i_lo, i_hi;
-        tokens_of_block(j, l, d, lp, i_lo, i_hi);
-        if (i_lo < c0) i_lo = c0;
-        if (i_hi > c_end - 1) i_hi = c_end - 1;
-        for (index_t i = i_lo; i <= i_hi; ++i)
-          acc += overlap_weight(i, j, l, d, lp) * exp2f((sS[r * ldS + (i - c0)] - M) * scale_log2);
+        const int j = jbase + jj;
+        const int j_lo = j * b_units, j_hi = j_lo + b_units;  // the block's units [j_lo, j_hi)
+        const int i_lo = max(max(j_lo - a_units + 1, 0), c0i), i_hi = min(j_hi - 1, c_last);
+        const float* srow = sS + r * ldS - c0i;
+        for (int i = i_lo; i <= i_hi; ++i) {
+          const int overlap = min(i + a_units, j_hi) - max(i, j_lo);
+          acc += static_cast<float>(overlap) * exp2f((srow[i] - M) * scale_log2);
+        }
       }
       bs_out[static_cast<index_t>(r) * nbc + jj] = acc;
     }
@@ -463,16 +461,25 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   float* sInvL = s_heads + G;
   const index_t ml_head = static_cast<index_t>(pl.splits) * 2;
   const float* ml_g = ml + (static_cast<index_t>(b) * p.heads_q + static_cast<index_t>(g) * G) * ml_head;
-  for (int h = tid; h < G; h += kBlockThreads) {
+  // One warp per head: lanes stride over the splits (a serial loop per head was a chain of
+  // dependent global loads), fixed butterflies: the same bits every run.
+  for (int h = tid / 32; h < G; h += kBlockThreads / 32) {
+    const int lane = tid % 32;
     const float* mh = ml_g + h * ml_head;
     float M = -INFINITY;
-    for (int k = 0; k < pl.splits_cmp; ++k) M = fmaxf(M, mh[2 * k]);
+    for (int k = lane; k < pl.splits_cmp; k += 32) M = fmaxf(M, mh[2 * k]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float L = 0.f;
     if (M != -INFINITY)
-      for (int k = 0; k < pl.splits_cmp; ++k)
+      for (int k = lane; k < pl.splits_cmp; k += 32)
         if (mh[2 * k] != -INFINITY) L += mh[2 * k + 1] * exp2f((mh[2 * k] - M) * scale_log2);
-    sM[h] = M;
-    sInvL[h] = L > 0.f ? 1.f / L : 0.f;  // 0: no visible compressed token, p = 0 (lse = -inf)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+    if (lane == 0) {
+      sM[h] = M;
+      sInvL[h] = L > 0.f ? 1.f / L : 0.f;  // 0: no visible compressed token, p = 0 (lse = -inf)
+    }
   }
   __syncthreads();
 
@@ -605,18 +612,25 @@ __global__ void __launch_bounds__(kBlockThreads)
   const index_t slot0 = (static_cast<index_t>(b) * p.heads_q + hq) * pl.splits;
   const float* mlb = ml + slot0 * 2;
   const int end_cmp = pl.splits_cmp, end_win = pl.splits_cmp + pl.splits_win;
-  if (threadIdx.x < 3) {  // branch 0: compressed, 1: window, 2: selected
-    const int br = threadIdx.x;
+  static_assert(kBlockThreads >= 96, "one warp per branch");
+  if (threadIdx.x < 96) {  // warp 0: compressed, 1: window, 2: selected; lanes over the splits
+    const int br = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int k0 = br == 0 ? 0 : (br == 1 ? end_cmp : end_win);
     const int k1 = br == 0 ? end_cmp : (br == 1 ? end_win : pl.splits);
     float M = -INFINITY;
-    for (int k = k0; k < k1; ++k) M = fmaxf(M, mlb[2 * k]);
+    for (int k = k0 + lane; k < k1; k += 32) M = fmaxf(M, mlb[2 * k]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float L = 0.f;
     if (M != -INFINITY)
-      for (int k = k0; k < k1; ++k)
+      for (int k = k0 + lane; k < k1; k += 32)
         if (mlb[2 * k] != -INFINITY) L += mlb[2 * k + 1] * exp2f((mlb[2 * k] - M) * scale_log2);
-    s_branch[br][0] = M;
-    s_branch[br][1] = L;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+    if (lane == 0) {
+      s_branch[br][0] = M;
+      s_branch[br][1] = L;
+    }
   }
   __syncthreads();
   const index_t go = b * p.g_batch_stride + hq;
@@ -631,6 +645,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const float* ob = o_part + slot0 * Dv;
   for (int c = threadIdx.x; c < Dv; c += kBlockThreads) {
     float acc = 0.f;
+#pragma unroll 8
     for (int k = 0; k < pl.splits; ++k) acc += s_coef[k] * ob[static_cast<index_t>(k) * Dv + c];
     orow[c] = from_f<T>(acc);
   }
