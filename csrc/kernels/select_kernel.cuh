@@ -116,7 +116,7 @@ __device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int 
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(const SelectParams sp) {
+__global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(const SelectParams sp) {
   using Layout = SelectLayout<kHeadDim>;
   constexpr int kLd = Layout::kLd, kLdS = Layout::kLdS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -314,6 +314,10 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
         // summed in registers with at most two shuffles, in a fixed order.
         for (int chunk = 0; pow2_heads && chunk < sh.chunks; ++chunk) {
           if (chunk > 0) col_state(chunk);
+          int col_vis[4];  // keys of this tile each column's token sees (32-bit compares below)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            col_vis[c] = static_cast<int>(min(col_nv[c] - s0, static_cast<index_t>(kSelectTileKeys)));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             float st[2][4] = {};
@@ -327,7 +331,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                   const int c = nt * 2 + e;
-                  v[nt][e] = s0 + kk < col_nv[c] ? exp2f(st[nt][h2 * 2 + e] * scale_log2 - col_lse[c]) : 0.f;
+                  v[nt][e] = kk < col_vis[c] ? exp2f(st[nt][h2 * 2 + e] * scale_log2 - col_lse[c]) : 0.f;
                 }
               if (sh.heads == 1) {
 #pragma unroll
@@ -403,7 +407,8 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32) select_blocks_kernel(con
         const int pairs = sh.tokens * open_cap;
         for (int w0 = 0; w0 < pairs; w0 += 32) {
           const int w = w0 + lane;
-          const int tok = min(w / open_cap, sh.tokens - 1), j = jlo + w % open_cap;
+          const int tok = sh.tokens == 1 ? 0 : min(w / open_cap, sh.tokens - 1);
+          const int j = jlo + (sh.tokens == 1 ? w : w % open_cap);
           const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
           const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
           if (w >= pairs || tok < ps.p_begin || tok >= ps.p_end) continue;

@@ -33,6 +33,10 @@ Status run_select_blocks(const SelectParams& p, cudaStream_t stream) {
   auto kernel = sparse_detail::select_blocks_kernel<T, kHeadDim>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  // Latency-bound (scalar phase): ask for the shared-memory carveout that lets 4 CTAs of 128
+  // registers per thread share an SM (the driver otherwise sized it for the register limit).
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), warps * 32, smem, stream>>>(p);
   e = cudaGetLastError();
