@@ -243,6 +243,7 @@ class NSACache:
             if counts.device.type == "cpu" and bool(((counts < 0) | (counts > T)).any()):
                 raise ValueError(f"{_NAME}.prefill: argument 'seqlens' must hold lengths in [0, {T}] (the "
                                  f"prompt length), got {counts.tolist()}")
+        wk, pk, wv, pv = self._check_params("prefill", w_k, w_v, pe_k, pe_v)
         self._begin_step(layer, T, counts, prefill=True)
 
         dt, l, d = self.dtype, self.cmp_block, self.cmp_stride
@@ -254,8 +255,7 @@ class NSACache:
         nc = _num_compressed(T, l, d)
         if nc:
             keep_c = torch.arange(nc, device=self.device)[None, :] * d + (l - 1) < counts[:, None]  # [B, nc]
-            for x, w, pe, store in ((k, w_k, pe_k, self._k_cmp_store[layer]), (v, w_v, pe_v, self._v_cmp_store[layer])):
-                w, pe = self._cast_params(w, pe)
+            for x, w, pe, store in ((k, wk, pk, self._k_cmp_store[layer]), (v, wv, pv, self._v_cmp_store[layer])):
                 xc = ops.compress(x, w, pe, block=l, stride=d)  # [B, nc, H, D]
                 store[:, :nc].copy_(torch.where(keep_c[..., None, None], xc, 0))
         return counts.clone()
@@ -276,6 +276,7 @@ class NSACache:
         if self._len_bound + n > self.max_seqlen:
             raise ValueError(f"{_NAME}.append: {n} more token(s) may exceed max_seqlen={self.max_seqlen} "
                              f"(sequences may already hold up to {self._len_bound})")
+        wk, pk, wv, pv = self._check_params("append", w_k, w_v, pe_k, pe_v)
         self._begin_step(layer, n, None, prefill=False)
         B, dev = self.batch_size, self.device
         l, d, Sc = self.cmp_block, self.cmp_stride, self.max_compressed
@@ -293,9 +294,8 @@ class NSACache:
         due = (last < (L + n)[:, None]) & (cand < Sc)
         dest = torch.where(due, cand, Sc)  # not due -> the spare row
         win = (cand[..., None] * d + torch.arange(l, device=dev)).clamp_(max=self.max_seqlen - 1)  # [B, m, l]
-        for cache, w, pe, store in ((self.k[layer], w_k, pe_k, self._k_cmp_store[layer]),
-                                    (self.v[layer], w_v, pe_v, self._v_cmp_store[layer])):
-            w, pe = self._cast_params(w, pe)
+        for cache, w, pe, store in ((self.k[layer], wk, pk, self._k_cmp_store[layer]),
+                                    (self.v[layer], wv, pv, self._v_cmp_store[layer])):
             windows = cache[rows[..., None], win]  # [B, m, l, H, D]
             xc = ops.compress(windows.flatten(0, 1), w, pe, block=l, stride=d)  # [B*m, 1, H, Dout]
             store[rows, dest] = xc.reshape(B, m, *xc.shape[-2:])
@@ -387,10 +387,25 @@ class NSACache:
             raise ValueError(f"{_NAME}.append: at least one token per sequence is needed")
         return n
 
-    def _cast_params(self, w: Optional[Tensor], pe: Optional[Tensor]):
-        if pe is not None and w is None:
-            raise ValueError(f"{_NAME}: a position table 'pe' needs its weight 'w' (mean compression has none)")
-        return (None if w is None else w.to(self.dtype)), (None if pe is None else pe.to(self.dtype))
+    def _check_params(self, fn: str, w_k, w_v, pe_k, pe_v):
+        """Validate and cast the compression parameters before anything is written, so that a
+        rejected call leaves the cache untouched whatever the prompt length."""
+        H, l, out = self.num_kv_heads, self.cmp_block, []
+        for which, D, w, pe in (("k", self.head_dim, w_k, pe_k), ("v", self.v_head_dim, w_v, pe_v)):
+            for name, t, shape in ((f"w_{which}", w, (H, l * D, D)), (f"pe_{which}", pe, (H, l, D))):
+                if t is None:
+                    continue
+                if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"{_NAME}.{fn}: argument '{name}' must be a floating point tensor "
+                                     f"{list(shape)}, got {got}")
+                if t.device != self.device:
+                    raise ValueError(f"{_NAME}.{fn}: argument '{name}' must be on {self.device}, got {t.device}")
+            if pe is not None and w is None:
+                raise ValueError(f"{_NAME}.{fn}: a position table 'pe_{which}' needs its weight 'w_{which}' "
+                                 "(mean compression has none)")
+            out += [None if w is None else w.to(self.dtype), None if pe is None else pe.to(self.dtype)]
+        return out
 
     def __repr__(self) -> str:
         return (f"{_NAME}(num_layers={self.num_layers}, batch_size={self.batch_size}, max_seqlen={self.max_seqlen}, "

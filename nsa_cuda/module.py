@@ -144,6 +144,9 @@ class NativeSparseAttention(nn.Module):
     ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"NativeSparseAttention: argument '{name}' must be an integer >= 1, got {val!r}")
         if head_dim is None:
             if hidden_size % num_heads != 0:
                 raise ValueError(f"hidden_size ({hidden_size}) is not a multiple of num_heads ({num_heads}): "
