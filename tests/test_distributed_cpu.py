@@ -51,8 +51,10 @@ def worker(rank, init_file, mode, out_file):
             wrapped(batch(rank)).square().mean().backward()
             grads = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
-            fully_shard(m)
+            # An explicit CPU mesh: by default a machine with a GPU would place the shards on it.
+            fully_shard(m, mesh=init_device_mesh("cpu", (WORLD,)))
             m(batch(rank)).square().mean().backward()
             grads = {n: p.grad.full_tensor().detach().clone() for n, p in m.named_parameters()}
         if rank == 0:
