@@ -122,6 +122,13 @@ def test_select_short(T):
     check_select((2, T), 1, 4, 64, torch.bfloat16, n=3)
 
 
+@pytest.mark.parametrize("G,n,lp", [(16, 16, 64), (4, 16, 64), (4, 40, 64), (4, 16, 32), (1, 16, 64)])
+def test_select_full_lists(G, n, lp):
+    """Many more blocks than n: the lists fill early and later blocks are merged in by rank,
+    32 finished blocks at a time (G >= 4), with lists longer than a warp (n = 40)."""
+    check_select((1, 4000), 2, G, 128, torch.bfloat16, lp=lp, n=n)
+
+
 def test_select_varlen_and_hparams():
     cu = cu_of([1, 37, 500, 0, 5, 260])
     check_select((int(cu[-1]),), 2, 4, 64, torch.bfloat16, cu=cu, l=16, d=8, lp=32, n=5, init=0, local=3)

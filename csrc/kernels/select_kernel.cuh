@@ -8,9 +8,13 @@
 //   2. P summed over the heads of each token (shared memory, fixed head order);
 //   3. each (token, selection block) the tile touches gets sum_i c(i, j) P[i] over the tile's
 //      keys, ascending i, added to a per-token ring of open block sums;
-//   4. blocks whose overlapping keys are all done are finalised in ascending order by the
-//      token's lane into a running top-n list sorted by (score desc, block asc): an equal score
-//      never displaces an earlier (lower) block, so ties go to the lower index.
+//   4. blocks whose overlapping keys are all done are finalised into a running top-n list
+//      sorted by (score desc, block asc): an equal score never displaces an earlier (lower)
+//      block, so ties go to the lower index. With up to 4 tokens per warp (G >= 4) finished
+//      blocks are collected until 32 of a token are done, and the whole warp merges those that
+//      beat the list's n-th score by rank (no serial insertion: that chain of shared-memory
+//      round trips was a quarter of the kernel's instructions on the H200); with more tokens
+//      per warp each token's lane inserts its blocks.
 // Scratch is O(n) per token in shared memory; nothing of size [T, Nc] or [T, blocks] exists.
 #pragma once
 
@@ -48,8 +52,9 @@ __host__ __device__ inline SelectShape select_shape(int G) {
 }
 
 // Per-warp shared memory: q rows [chunks*16][kLd] (T), P rows [16][33] (f32), P per token
-// [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores [tokens][n] (f32), top
-// blocks [tokens][n] (int). After the warps: two stages of the CTA's key tile [32][kLd] (T).
+// [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores [tokens][2][n] (f32), top
+// blocks [tokens][2][n] (int): two buffers per token, merges write the other one. After the
+// warps: two stages of the CTA's key tile [32][kLd] (T).
 template <int kHeadDim>
 struct SelectLayout {
   static constexpr int kLd = kHeadDim + 8;  // +16 bytes per row: conflict-free fragment reads
@@ -63,8 +68,8 @@ struct SelectLayout {
     p_off = s_off + kRows * kLdS * 4;
     ring_off = p_off + static_cast<size_t>(sh.tokens) * kSelectTileKeys * 4;
     sc_off = ring_off + static_cast<size_t>(sh.tokens) * kSelectRing * 4;
-    id_off = sc_off + static_cast<size_t>(sh.tokens) * n * 4;
-    bytes = (id_off + static_cast<size_t>(sh.tokens) * n * 4 + 15) / 16 * 16;
+    id_off = sc_off + static_cast<size_t>(sh.tokens) * 2 * n * 4;
+    bytes = (id_off + static_cast<size_t>(sh.tokens) * 2 * n * 4 + 15) / 16 * 16;
   }
 };
 
@@ -74,6 +79,17 @@ template <typename T, int kDim, int kTileRows>
 __device__ __forceinline__ void load_rows_cta_n(T* dst, int ld, const T* base, index_t row_stride, index_t row_begin,
                                                 index_t s0, index_t n_rows, int tid, int nthreads) {
   constexpr int kVec = kDim / 8;
+  if (nthreads % kVec == 0) {  // a fixed column per thread: one 64-bit address per tile
+    const int step = nthreads / kVec, r0 = tid / kVec, c = (tid % kVec) * 8;
+    const T* src = base + (row_begin + s0 + r0) * row_stride + c;
+    const index_t src_step = static_cast<index_t>(step) * row_stride;
+    const index_t rows_left = n_rows - s0 - r0;  // rows r0, r0 + step, ... exist while < this
+    for (int r = r0, x = 0; r < kTileRows; r += step, x += step, src += src_step) {
+      const bool on = s0 + r >= 0 && x < rows_left;
+      mma::cp_async_16(dst + r * ld + c, on ? src : base, on);
+    }
+    return;
+  }
   for (int i = tid; i < kTileRows * kVec; i += nthreads) {
     const int r = i / kVec, c = (i % kVec) * 8;
     const index_t s = s0 + r;
@@ -183,7 +199,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
     for (int i = lane; i < sh.tokens * kSelectRing; i += 32) ring[i] = 0.f;
 
     // Per-token state, held by lane `tok` (tok < tokens).
-    int count = 0, next_final = 0;
+    int count = 0, next_final = 0, cur = 0;  // cur: which of the token's two list buffers is live
     const int my_tok = lane;
     const bool my_on = my_tok >= ps.p_begin && my_tok < ps.p_end;
     const index_t my_t = t0 + my_tok;
@@ -197,16 +213,23 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
         float& slot = ring[my_tok * kSelectRing + (j & (kSelectRing - 1))];
         const float s = forced ? INFINITY : slot;
         slot = 0.f;
-        topn_insert(top_sc + my_tok * n, top_id + my_tok * n, count, n, s, j);
+        topn_insert(top_sc + my_tok * 2 * n, top_id + my_tok * 2 * n, count, n, s, j);
       }
     };
+    // Finished blocks a token may keep in the ring: the open ones span at most open_cap + 31.
+    const int defer = open_cap + 40 <= kSelectRing ? 32 : 1;
     // The same for every token of the warp (j_end held by the token's lane; called by the whole
-    // warp). With few tokens per warp (G >= 4) one token lane inserting block after block is a
-    // serial chain of shared-memory round trips that the rest of the warp waits on; there, the
-    // lanes read a token's finished blocks in parallel and only those that can enter its list
-    // (list not full, or score above its n-th) are inserted, in ascending block order: the
-    // same list as inserting them all (once full, the n-th score only rises).
-    auto finalise_warp = [&](int j_end) {
+    // warp). With few tokens per warp (G >= 4) one token lane inserting block after block was a
+    // serial chain of shared-memory round trips that the rest of the warp waited on. Here a
+    // token's finished blocks are left in the ring until 32 of them are done (`defer`; or the
+    // walk ends: `last`), then the lanes read 32 at a time and those that can enter the list
+    // (list not full, or score above its n-th) are merged by rank: a candidate's new position
+    // is the number of listed scores >= its own plus the candidates that beat it (higher score,
+    // or equal score and lower block); a listed entry moves down by the candidates scoring
+    // strictly higher (its block is lower). The ranks are a permutation, so the merged list is
+    // written into the token's other buffer without conflicts. Same list as inserting the
+    // blocks one by one in ascending order. NaN scores rank below every real one (-1).
+    auto finalise_warp = [&](int j_end, bool last) {
       if (sh.tokens > 4) {
         if (my_on) finalise_until(j_end);
         __syncwarp();
@@ -216,8 +239,9 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
         const int nf = __shfl_sync(0xffffffffu, next_final, tk);
         const int je = __shfl_sync(0xffffffffu, j_end, tk);
         const int tb = __shfl_sync(0xffffffffu, my_tblk, tk);
-        float* tsc = top_sc + tk * n;
-        int* tid = top_id + tk * n;
+        if (je <= nf || (!last && je - nf < defer)) continue;
+        int cnt = __shfl_sync(0xffffffffu, count, tk);
+        int cb = __shfl_sync(0xffffffffu, cur, tk);
         for (int j0 = nf; j0 < je; j0 += 32) {
           const int j = j0 + lane;
           const bool on = j < je;
@@ -225,25 +249,53 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
           if (on) {
             const bool forced = j < sp.init_blocks || j > tb - sp.local_blocks;
             float& slot = ring[tk * kSelectRing + (j & (kSelectRing - 1))];
-            s = forced ? INFINITY : slot;
+            s = forced ? INFINITY : (slot == slot ? slot : -1.f);
             slot = 0.f;
           }
-          const int cnt = __shfl_sync(0xffffffffu, count, tk);
-          __syncwarp();  // the token lane's list writes of the previous round are visible
-          const float th = cnt == n ? tsc[n - 1] : 0.f;
-          unsigned cand = __ballot_sync(0xffffffffu, on && (cnt < n || s > th));
-          while (cand != 0u) {
-            const int x = __ffs(static_cast<int>(cand)) - 1;
-            cand &= cand - 1u;
+          const float* old_sc = top_sc + (tk * 2 + cb) * n;
+          const int* old_id = top_id + (tk * 2 + cb) * n;
+          const float th = cnt == n ? old_sc[n - 1] : 0.f;
+          const unsigned cand = __ballot_sync(0xffffffffu, on && (cnt < n || s > th));
+          if (cand == 0u) continue;
+          float* new_sc = top_sc + (tk * 2 + (cb ^ 1)) * n;
+          int* new_id = top_id + (tk * 2 + (cb ^ 1)) * n;
+          const bool mine = (cand >> lane) & 1u;
+          int rank = 0;  // of this lane's candidate
+          for (int a = 0; a < cnt; ++a) rank += old_sc[a] >= s;
+          for (unsigned m = cand; m != 0u; m &= m - 1u) {
+            const int x = __ffs(static_cast<int>(m)) - 1;
             const float sx = __shfl_sync(0xffffffffu, s, x);
-            if (lane == tk) topn_insert(tsc, tid, count, n, sx, j0 + x);
+            rank += sx > s || (sx == s && x < lane);
           }
+          for (int a0 = 0; a0 < cnt; a0 += 32) {  // listed entries a = a0 + lane
+            const int a = a0 + lane;
+            const float ys = a < cnt ? old_sc[a] : 0.f;
+            int down = 0;
+            for (unsigned m = cand; m != 0u; m &= m - 1u) {
+              const int x = __ffs(static_cast<int>(m)) - 1;
+              down += __shfl_sync(0xffffffffu, s, x) > ys;
+            }
+            if (a < cnt && a + down < n) {
+              new_sc[a + down] = ys;
+              new_id[a + down] = old_id[a];
+            }
+          }
+          if (mine && rank < n) {
+            new_sc[rank] = s;
+            new_id[rank] = j;
+          }
+          cnt = min(cnt + __popc(cand), n);
+          cb ^= 1;
+          __syncwarp();  // the merged list is visible to every lane of the next round
         }
-        if (lane == tk && je > next_final) next_final = je;
+        if (lane == tk) {
+          next_final = je;
+          count = cnt;
+          cur = cb;
+        }
       }
       __syncwarp();
     };
-
     // Rows of the current chunk: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];
@@ -431,7 +483,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
           if (j_done > my_tblk + 1) j_done = my_tblk + 1;
           j_end = static_cast<int>(j_done);
         }
-        finalise_warp(j_end);
+        finalise_warp(j_end, false);
       }
       __syncwarp();     // reconverge the token lanes before the CTA barrier
       __syncthreads();  // the next iteration's load overwrites this stage
@@ -439,26 +491,24 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
     mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
     __syncwarp();
 
-    finalise_warp(my_on ? my_tblk + 1 : next_final);
-    if (my_on) {
-      int* sid = top_id + my_tok * n;
-      for (int a = 1; a < count; ++a) {  // ascending block indices
-        const int x = sid[a];
-        int c = a - 1;
-        while (c >= 0 && sid[c] > x) {
-          sid[c + 1] = sid[c];
-          --c;
-        }
-        sid[c + 1] = x;
-      }
-    }
-    // Every lane's count is needed by the lanes writing the token's row.
-    __syncwarp();
+    finalise_warp(my_on ? my_tblk + 1 : next_final, true);
+    // Each token's row in ascending block order: the lane holding listed block a writes it at
+    // its rank among the listed blocks (distinct); the rest of the row is -1.
     for (int tok = ps.p_begin; tok < ps.p_end; ++tok) {
       const int cnt = __shfl_sync(0xffffffffu, count, tok);
+      const int* ids = top_id + (tok * 2 + __shfl_sync(0xffffffffu, cur, tok)) * n;
       int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) +
                  (row_begin + t0 + tok) * sp.block_idx_stride.row + static_cast<index_t>(g) * sp.block_idx_stride.head;
-      for (int a = lane; a < n; a += 32) out[a] = a < cnt ? top_id[tok * n + a] : -1;
+      for (int a = lane; a < n; a += 32) {
+        if (a < cnt) {
+          const int x = ids[a];
+          int r = 0;
+          for (int c = 0; c < cnt; ++c) r += ids[c] < x;
+          out[r] = x;
+        } else {
+          out[a] = -1;
+        }
+      }
     }
     __syncwarp();
     __syncthreads();  // the next pass reuses the stages
