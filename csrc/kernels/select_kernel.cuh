@@ -477,11 +477,9 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
         __syncwarp();
         // 4. finalise the blocks whose keys are all done.
         int j_end = next_final;
-        if (my_on && s0 < my_nvis) {
-          const index_t i_end = s0 + kSelectTileKeys;
-          index_t j_done = i_end >= my_nvis ? my_tblk + 1 : i_end / b_units;
-          if (j_done > my_tblk + 1) j_done = my_tblk + 1;
-          j_end = static_cast<int>(j_done);
+        if (my_on && s0 < my_nvis) {  // 32-bit: positions inside one sequence fit in int
+          const int i_end = static_cast<int>(s0) + kSelectTileKeys;
+          j_end = i_end >= my_nvis_i ? my_tblk + 1 : min(i_end / b_units, my_tblk + 1);
         }
         finalise_warp(j_end, false);
       }

@@ -16,22 +16,25 @@
 namespace nsa {
 namespace sparse_detail {
 
-template <int kHeadDim, int kHeadDimV>
+// kWarps = 1 (G >= 16, "solo"): a CTA is one token, so no warp waits at a CTA barrier for
+// blocks only its neighbours selected (with independent selections the union of 4 tokens'
+// lists is ~3x one list); one-tile sets keep five such CTAs per SM.
+template <int kHeadDim, int kHeadDimV, int kWarps_ = 4>
 struct SelFwdConfig {
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLdQK = kHeadDim + 8;  // padded smem rows: conflict-free fragment loads
   static constexpr int kLdV = kHeadDimV + 8;
-  static constexpr int kTilesPerSet = kHeadDim <= 192 ? 2 : 1;  // 64 keys = one block of l' = 64
+  static constexpr int kTilesPerSet = kHeadDim <= 192 && kWarps > 1 ? 2 : 1;  // 64 keys = one block of l' = 64
   static constexpr int kTileElems = kBlockN * kLdQK + kBlockN * kLdV;
   static constexpr int kSmemBytes =
       (kWarps * kRows * kLdQK + 2 * kTilesPerSet * kTileElems) * 2 + 2 * kWarps * static_cast<int>(sizeof(int));
 };
 
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(SelFwdConfig<kHeadDim, kHeadDimV>::kThreads)
+template <typename T, int kHeadDim, int kHeadDimV, int kWarps>
+__global__ void __launch_bounds__(SelFwdConfig<kHeadDim, kHeadDimV, kWarps>::kThreads)
     sparse_attn_fwd_kernel(const AttnParams p) {
-  using Cfg = SelFwdConfig<kHeadDim, kHeadDimV>;
+  using Cfg = SelFwdConfig<kHeadDim, kHeadDimV, kWarps>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane >> 2, tig = lane & 3;

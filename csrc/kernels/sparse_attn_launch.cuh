@@ -5,19 +5,17 @@
 #include "range_attn_fwd_kernel.cuh"
 #include "sparse_attn_fwd_kernel.cuh"
 
+#include <cstdlib>
+
 namespace nsa {
 
-template <typename T, int kHeadDim, int kHeadDimV>
-Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = sparse_detail::SelFwdConfig<kHeadDim, kHeadDimV>;
+template <typename T, int kHeadDim, int kHeadDimV, int kWarps>
+Status launch_sel_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = sparse_detail::SelFwdConfig<kHeadDim, kHeadDimV, kWarps>;
   constexpr int kRows = sparse_detail::kRows;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
-  if (p.mode == AttnMode::kSelected && (p.sel_block <= 0 || p.sel_block % sparse_detail::kBlockN != 0))
+  if ((p.sel_block <= 0 || p.sel_block % sparse_detail::kBlockN != 0))
     return Status{2, "sel_block must be a positive multiple of 32 on CUDA"};
-  if (p.mode == AttnMode::kCompressed) return Status{2, "the sparse kernel runs the selected and window branches"};
-  // The window's keys are one contiguous range per token: the CTA-shared range kernel.
-  if (p.mode == AttnMode::kWindow)
-    return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
   const int tokens = (G >= kRows ? 1 : kRows / G) * Cfg::kWarps;  // per CTA
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
@@ -28,12 +26,30 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
   if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const dim3 grid(static_cast<unsigned>(items), static_cast<unsigned>(grid_y));
-  auto kernel = sparse_detail::sparse_attn_fwd_kernel<T, kHeadDim, kHeadDimV>;
+  auto kernel = sparse_detail::sparse_attn_fwd_kernel<T, kHeadDim, kHeadDimV, kWarps>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  if (kWarps == 1) {  // five one-warp CTAs per SM need the max-shared carveout
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  }
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+template <typename T, int kHeadDim, int kHeadDimV>
+Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
+  if (p.mode == AttnMode::kCompressed) return Status{2, "the sparse kernel runs the selected and window branches"};
+  // The window's keys are one contiguous range per token: the CTA-shared range kernel.
+  if (p.mode == AttnMode::kWindow)
+    return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
+  const int G = p.heads_q / p.heads_kv;
+  const char* solo = getenv("NSA_SEL_FWD_SOLO");  // A/B switch while measuring
+  if (G >= sparse_detail::kRows && solo != nullptr && solo[0] == '1')
+    return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 1>(p, stream);
+  return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 4>(p, stream);
 }
 
 }  // namespace nsa
