@@ -9,13 +9,19 @@
 
 namespace nsa_torch {
 
+// Positions inside one sequence are int in the kernels, and a few sums round a length up to a
+// multiple of a block (<= 2^20) or a CTA's tokens in int: 2^21 of headroom keeps them below
+// 2^31 (docs/OFFSET_AUDIT.md, R1-R5).
+constexpr int64_t kMaxTokens = INT32_MAX - (int64_t{1} << 21);
+
 void check_cu_seqlens(const Tensor& cu, int64_t total, const c10::Device& device, const char* op, const char* name) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": argument '", name, "' must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, op, ": argument '", name,
                     "' must be 1-D of length batch+1 >= 2, got shape ", shape_str(cu));
   TORCH_CHECK_VALUE(cu.device() == device, op, ": argument '", name, "' must be on ", device, ", got ", cu.device());
   TORCH_CHECK_VALUE(cu.is_contiguous(), op, ": argument '", name, "' must be contiguous");
-  TORCH_CHECK_VALUE(total <= INT32_MAX, op, ": packed batches hold at most 2^31-1 tokens (int32 '", name, "')");
+  TORCH_CHECK_VALUE(total <= kMaxTokens, op, ": packed batches hold at most 2^31 - 2^21 tokens (int32 '", name,
+                    "' with headroom for in-kernel rounding up to block multiples, docs/OFFSET_AUDIT.md)");
   Tensor host;
   if (cu.is_cpu()) {
     host = cu;
@@ -57,8 +63,8 @@ Batch batch_of(const Tensor& x, const c10::optional<Tensor>& cu_seqlens, const c
     g.seqlen = x.size(1);
     g.total_rows = g.seqlen;
   }
-  TORCH_CHECK_VALUE(g.seqlen <= INT32_MAX && g.batch <= INT32_MAX, op, ": argument '", name,
-                    "' is too large (at most 2^31-1 tokens per sequence)");
+  TORCH_CHECK_VALUE(g.seqlen <= kMaxTokens && g.batch <= INT32_MAX, op, ": argument '", name,
+                    "' is too large (at most 2^31 - 2^21 tokens per sequence)");
   return g;
 }
 
