@@ -76,10 +76,21 @@ def test_data_parallel_gradients(mode):
             from torch.distributed.fsdp import fully_shard  # noqa: F401
         except ImportError:
             pytest.skip("torch.distributed.fsdp.fully_shard is not available")
-    with tempfile.TemporaryDirectory() as d:
-        init_file, out_file = os.path.join(d, "init"), os.path.join(d, "grads.pt")
-        mp.start_processes(worker, args=(init_file, mode, out_file), nprocs=WORLD, join=True, start_method="spawn")
-        got = torch.load(out_file)
+    # A gloo worker occasionally dies with SIGABRT on these 2-core CI machines (seen on CPU-only
+    # builds too, with the DDP case unchanged): such a run is repeated, up to 3 attempts. Any
+    # other failure, or a wrong gradient, fails at once.
+    for attempt in range(3):
+        with tempfile.TemporaryDirectory() as d:
+            init_file, out_file = os.path.join(d, "init"), os.path.join(d, "grads.pt")
+            try:
+                mp.start_processes(worker, args=(init_file, mode, out_file), nprocs=WORLD, join=True,
+                                   start_method="spawn")
+            except mp.ProcessExitedException as e:
+                if "SIGABRT" not in str(e) or attempt == 2:
+                    raise
+                continue
+            got = torch.load(out_file)
+            break
     want = reference_grads()
     assert got.keys() == want.keys()
     for n in want:
