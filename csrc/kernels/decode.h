@@ -31,6 +31,21 @@ constexpr int kDecodeRows = 16;       // query heads per attention CTA (one m16 
 constexpr int kDecodeTile = 32;       // keys per tile
 constexpr int kDecodeMaxChunk = 512;  // compressed tokens per split at most (bounds a CTA's score buffer)
 
+// Warps of an attention CTA (kernels 1 and 3): 4, or 2 for the widest heads, whose tiles would
+// not fit otherwise.
+constexpr int decode_attn_warps(int dk, int dv) { return dk + dv <= 384 ? 4 : 2; }
+
+// Dynamic shared memory of an attention CTA: the 16 query rows, one K and one V tile of 32 keys
+// per warp (padded rows), the warps' (max, sum) per row, and for a compressed slice the
+// exponentials [16][score_cols + 8] fp32 and their tiles' maxima [16][(score_cols + 8) / 32].
+constexpr size_t decode_attn_smem_bytes(int dk, int dv, int score_cols) {
+  return (static_cast<size_t>(kDecodeRows) * (dk + 8) +
+          static_cast<size_t>(decode_attn_warps(dk, dv)) * kDecodeTile * ((dk + 8) + (dv + 8))) * 2 +
+         static_cast<size_t>(decode_attn_warps(dk, dv)) * kDecodeRows * 2 * sizeof(float) +
+         (score_cols > 0 ? static_cast<size_t>(kDecodeRows) * (score_cols + 8 + (score_cols + 8) / kDecodeTile) * sizeof(float)
+                         : 0);
+}
+
 // Work split and scratch layout of one decode call; a pure function of the shapes.
 struct DecodePlan {
   int G = 0, head_chunks = 0;           // query heads per KV head; CTAs of <= 16 heads per group

@@ -31,8 +31,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 template <int kHeadDim, int kHeadDimV>
 struct AttnCfg {
-  // 4 warps, 2 for (256, 256): its 4-warp tiles plus the score buffer pass sm_80's 163 KB.
-  static constexpr int kWarps = kHeadDim + kHeadDimV <= 384 ? 4 : 2;
+  static constexpr int kWarps = decode_attn_warps(kHeadDim, kHeadDimV);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLdQK = kHeadDim + 8;  // padded rows: conflict-free fragment loads
   static constexpr int kLdV = kHeadDimV + 8;
@@ -41,10 +40,12 @@ struct AttnCfg {
   static constexpr size_t kTileBytes = (static_cast<size_t>(kRows) * kLdQK + static_cast<size_t>(kWarps) * kWarpElems) * 2;
   static constexpr size_t kStatBytes = static_cast<size_t>(kWarps) * kRows * 2 * sizeof(float);
   static_assert(kRows * kLdO * sizeof(float) <= kWarpElems * 2, "merge buffer must fit in a warp's tiles");
-  // Dynamic shared memory; score_cols > 0 adds the compressed slice's raw scores [16][cols + 8].
-  static size_t smem_bytes(int score_cols) {
-    return kTileBytes + kStatBytes + (score_cols > 0 ? static_cast<size_t>(kRows) * (score_cols + 8) * sizeof(float) : 0);
-  }
+  static_assert(kTileBytes + kStatBytes == decode_attn_smem_bytes(kHeadDim, kHeadDimV, 0),
+                "decode.h's shared-memory formula must match the layout");
+  // Two CTAs per SM on sm_90 (the loads of one hide the other's epilogue); fits sm_80's 163 KB.
+  static_assert(decode_attn_smem_bytes(kHeadDim, kHeadDimV, kDecodeMaxChunk) <= 163 * 1024, "sm_80 shared memory");
+  // Dynamic shared memory; score_cols > 0 adds the compressed slice's exponentials and tile maxima.
+  static size_t smem_bytes(int score_cols) { return decode_attn_smem_bytes(kHeadDim, kHeadDimV, score_cols); }
 };
 
 // Tokens of the sequence including the new one; cache_seqlens outside [0, S] are clamped.
@@ -67,44 +68,60 @@ __device__ __forceinline__ void tokens_of_block(index_t j, int l, int d, int lp,
 }
 
 // cp.async of rows [s0, s0 + 32) of a [.., D] tensor (row stride in elements) into a padded
-// shared tile; rows at or past s_end are zero-filled without being read.
+// shared tile; rows at or past s_end are zero-filled without being read. Where a row is a
+// whole number of lane groups, a lane keeps its column and steps its source pointer by whole
+// rows (no per-copy index division or 64-bit multiply).
 template <typename T, int kDim, int kLd>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* base, index_t row_stride, index_t s0, index_t s_end,
                                                 int lane) {
   constexpr int kVec = kDim / 8;
+  if constexpr (32 % kVec == 0) {
+    constexpr int kRowStep = 32 / kVec;
+    const int r0 = lane / kVec, c = (lane % kVec) * 8;
+    const T* src = base + (s0 + r0) * row_stride + c;
+    const index_t step = kRowStep * row_stride;
+#pragma unroll
+    for (int r = r0; r < kTile; r += kRowStep, src += step) {
+      const bool on = s0 + r < s_end;
+      mma::cp_async_16(dst + r * kLd + c, on ? src : base, on);
+    }
+  } else {
 #pragma unroll 4
-  for (int i = lane; i < kTile * kVec; i += 32) {
-    const int r = i / kVec, c = (i % kVec) * 8;
-    const index_t s = s0 + r;
-    const bool on = s < s_end;
-    mma::cp_async_16(dst + r * kLd + c, on ? base + s * row_stride + c : base, on);
-  }
-}
-
-// S (16 x 32) += Q (16 x kDim) K^T, Q and K row-major in shared memory.
-template <typename T, int kDim, int kLd>
-__device__ __forceinline__ void gemm_qk(float (&acc)[4][4], const T* sQ, const T* sK, int gid, int tig) {
-#pragma unroll
-  for (int k0 = 0; k0 < kDim; k0 += 16) {
-    uint32_t a[4];
-    a[0] = *reinterpret_cast<const uint32_t*>(sQ + gid * kLd + k0 + 2 * tig);
-    a[1] = *reinterpret_cast<const uint32_t*>(sQ + (gid + 8) * kLd + k0 + 2 * tig);
-    a[2] = *reinterpret_cast<const uint32_t*>(sQ + gid * kLd + k0 + 8 + 2 * tig);
-    a[3] = *reinterpret_cast<const uint32_t*>(sQ + (gid + 8) * kLd + k0 + 8 + 2 * tig);
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      uint32_t bb[2];
-      bb[0] = *reinterpret_cast<const uint32_t*>(sK + (n * 8 + gid) * kLd + k0 + 2 * tig);
-      bb[1] = *reinterpret_cast<const uint32_t*>(sK + (n * 8 + gid) * kLd + k0 + 8 + 2 * tig);
-      mma::m16n8k16<T>(acc[n], a, bb);
+    for (int i = lane; i < kTile * kVec; i += 32) {
+      const int r = i / kVec, c = (i % kVec) * 8;
+      const index_t s = s0 + r;
+      const bool on = s < s_end;
+      mma::cp_async_16(dst + r * kLd + c, on ? base + s * row_stride + c : base, on);
     }
   }
 }
 
-// O (16 x kDimV) += P V, P in the C-fragment registers of gemm_qk, V (32 x kDimV) row-major.
+// S (16 x 32) += Q (16 x kDim) K^T, Q and K row-major in shared memory; fragments by ldmatrix
+// (one instruction per 16 x 16 operand instead of four 32-bit loads).
+template <typename T, int kDim, int kLd>
+__device__ __forceinline__ void gemm_qk(float (&acc)[4][4], const T* sQ, const T* sK, int lane) {
+  const T* q_row = sQ + (((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + (lane >> 4) * 8;
+  const T* k_row = sK + ((lane >> 4) * 8 + (lane & 7)) * kLd + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int k0 = 0; k0 < kDim; k0 += 16) {
+    uint32_t a[4];
+    mma::ldmatrix_x4(a, q_row + k0);
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {  // keys 16 np .. 16 np + 15: two n8 tiles
+      uint32_t bb[4];
+      mma::ldmatrix_x4(bb, k_row + np * 16 * kLd + k0);
+      const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+      mma::m16n8k16<T>(acc[2 * np], a, b0);
+      mma::m16n8k16<T>(acc[2 * np + 1], a, b1);
+    }
+  }
+}
+
+// O (16 x kDimV) += P V, P in the C-fragment registers of gemm_qk, V (32 x kDimV) row-major;
+// V's fragments by ldmatrix.trans.
 template <typename T, int kDimV, int kLd>
-__device__ __forceinline__ void gemm_pv(float (&acc)[kDimV / 8][4], const float (&pf)[4][4], const T* sV, int gid,
-                                        int tig) {
+__device__ __forceinline__ void gemm_pv(float (&acc)[kDimV / 8][4], const float (&pf)[4][4], const T* sV, int lane) {
+  const T* v_row = sV + (((lane >> 3) & 1) * 8 + (lane & 7)) * kLd + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk) {
     uint32_t a[4];
@@ -112,13 +129,13 @@ __device__ __forceinline__ void gemm_pv(float (&acc)[kDimV / 8][4], const float 
     a[1] = mma::pack2<T>(pf[2 * kk][2], pf[2 * kk][3]);
     a[2] = mma::pack2<T>(pf[2 * kk + 1][0], pf[2 * kk + 1][1]);
     a[3] = mma::pack2<T>(pf[2 * kk + 1][2], pf[2 * kk + 1][3]);
-    const T* b0 = sV + (kk * 16 + 2 * tig) * kLd + gid;
 #pragma unroll
-    for (int n = 0; n < kDimV / 8; ++n) {
-      uint32_t bb[2];
-      bb[0] = mma::pack2<T>(b0[n * 8], b0[kLd + n * 8]);
-      bb[1] = mma::pack2<T>(b0[8 * kLd + n * 8], b0[9 * kLd + n * 8]);
-      mma::m16n8k16<T>(acc[n], a, bb);
+    for (int np = 0; np < kDimV / 16; ++np) {  // value columns 16 np .. 16 np + 15
+      uint32_t bb[4];
+      mma::ldmatrix_x4_trans(bb, v_row + kk * 16 * kLd + np * 16);
+      const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+      mma::m16n8k16<T>(acc[2 * np], a, b0);
+      mma::m16n8k16<T>(acc[2 * np + 1], a, b1);
     }
   }
 }
@@ -131,12 +148,17 @@ struct PartialOut {
   index_t head_step_o, head_step_ml;
 };
 
-// Attention of the CTA's 16 query rows (already in sQ) over `n_tiles` key tiles; tile_of(it,
-// s0, s_end) gives tile `it`'s first key row and the end of its valid rows (s_end <= s0:
-// empty). kScores also stores the raw scores of every valid key at column (s - col0) of sS
-// (-inf for masked keys). Writes the CTA's partial. On return sS is complete and sMw / sLw
-// hold every warp's (m, l) (the slice max of a row is their max over warps): both were
-// written before a __syncthreads.
+// Attention of the CTA's 16 query rows over `n_tiles` key tiles; the caller has issued and
+// committed the cp.async group of the query rows (sQ), not waited for it. tile_of(it, s0, s_end)
+// gives tile `it`'s first key row and the end of its valid rows (s_end <= s0: empty). Warp w
+// takes tiles w, w + kWarps, ... (a second tile in flight per warp, with one CTA per SM, measured
+// slower on the H200 than two CTAs of one tile per warp: the CTAs hide each other's epilogue).
+// kScores also
+// stores, for every key at column (s - col0) of sS, exp(scale (q.k - m_tile)) (0 for masked
+// keys), with m_tile, the row's running max after tile `it`, at sS[16 * ldS + row * (ldS / 32)
+// + it] (the softmax computes these exponentials anyway; the block scores only rescale them).
+// Writes the CTA's partial. On return sS is complete and sMw / sLw hold every warp's (m, l)
+// (the slice max of a row is their max over warps): both were written before a __syncthreads.
 template <typename T, int kHeadDim, int kHeadDimV, bool kScores, class TileFn>
 __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, index_t k_row_stride, const T* vb,
                                              index_t v_row_stride, int n_tiles, TileFn&& tile_of, float scale_log2,
@@ -156,60 +178,76 @@ __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, i
 #pragma unroll
   for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
 
-  for (int it = warp; it < n_tiles; it += kWarps) {
-    index_t s0, s_end;
-    tile_of(it, s0, s_end);
-    if (s_end <= s0) continue;  // warp-uniform
-    load_tile_async<T, kHeadDim, Cfg::kLdQK>(sK, kb, k_row_stride, s0, s_end, lane);
-    load_tile_async<T, kHeadDimV, Cfg::kLdV>(sV, vb, v_row_stride, s0, s_end, lane);
+  // Issue tile `it` (if any) into the warp's K / V tiles; always commits a group (possibly
+  // empty), so that every thread's group count advances alike.
+  auto issue = [&](int it, index_t& s0, index_t& s_end) {
+    s0 = 0;
+    s_end = 0;
+    if (it < n_tiles) tile_of(it, s0, s_end);
+    if (s_end > s0) {  // warp-uniform
+      load_tile_async<T, kHeadDim, Cfg::kLdQK>(sK, kb, k_row_stride, s0, s_end, lane);
+      load_tile_async<T, kHeadDimV, Cfg::kLdV>(sV, vb, v_row_stride, s0, s_end, lane);
+    }
     mma::cp_async_commit();
+  };
+  index_t s0, s_end;
+  issue(warp, s0, s_end);
+  mma::cp_async_wait<1>();  // the query rows (the group before) have landed, for this thread
+  __syncthreads();          // ... and for every thread
+
+  for (int it = warp; it < n_tiles; it += kWarps) {
     mma::cp_async_wait_all();
     __syncwarp();
-
-    float s_acc[4][4] = {};
-    gemm_qk<T, kHeadDim, Cfg::kLdQK>(s_acc, sQ, sK, gid, tig);
+    if (s_end > s0) {  // warp-uniform
+      float s_acc[4][4] = {};
+      gemm_qk<T, kHeadDim, Cfg::kLdQK>(s_acc, sQ, sK, lane);
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s_acc[n][ri * 2 + e];
-          x = s0 + n * 8 + 2 * tig + e < s_end ? x : -INFINITY;
-          mx = fmaxf(mx, x);
-        }
-      if constexpr (kScores) {
-        float* row = sS + (gid + ri * 8) * ldS + (s0 - col0) + 2 * tig;
+      for (int ri = 0; ri < 2; ++ri) {
+        float mx = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 4; ++n)
-          *reinterpret_cast<float2*>(row + n * 8) = make_float2(s_acc[n][ri * 2], s_acc[n][ri * 2 + 1]);
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[ri], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing valid yet: stay at zero
-      const float alpha = exp2f((m_run[ri] - m_use) * scale_log2);
-      m_run[ri] = m_new;
-      float rs = 0.f;
 #pragma unroll
-      for (int n = 0; n < 4; ++n)
+          for (int e = 0; e < 2; ++e) {
+            float& x = s_acc[n][ri * 2 + e];
+            x = s0 + n * 8 + 2 * tig + e < s_end ? x : -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[ri], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing valid yet: stay at zero
+        const float alpha = exp2f((m_run[ri] - m_use) * scale_log2);
+        m_run[ri] = m_new;
+        float rs = 0.f;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s_acc[n][ri * 2 + e];
-          x = exp2f((x - m_use) * scale_log2);
-          rs += x;
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s_acc[n][ri * 2 + e];
+            x = exp2f((x - m_use) * scale_log2);
+            rs += x;
+          }
+        l_run[ri] = l_run[ri] * alpha + rs;
+        if constexpr (kScores) {  // exp(scale (q.k - m_tile)) and m_tile, rescaled to the slice max later
+          const int r = gid + ri * 8;
+          float* row = sS + r * ldS + (s0 - col0) + 2 * tig;
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+            *reinterpret_cast<float2*>(row + n * 8) = make_float2(s_acc[n][ri * 2], s_acc[n][ri * 2 + 1]);
+          if (tig == 0) sS[kRows * ldS + r * (ldS / kTile) + it] = m_new;  // -inf: no valid key in the tile
         }
-      l_run[ri] = l_run[ri] * alpha + rs;
 #pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n) {
-        o_acc[n][ri * 2] *= alpha;
-        o_acc[n][ri * 2 + 1] *= alpha;
+        for (int n = 0; n < kHeadDimV / 8; ++n) {
+          o_acc[n][ri * 2] *= alpha;
+          o_acc[n][ri * 2 + 1] *= alpha;
+        }
       }
+      gemm_pv<T, kHeadDimV, Cfg::kLdV>(o_acc, s_acc, sV, lane);
     }
-    gemm_pv<T, kHeadDimV, Cfg::kLdV>(o_acc, s_acc, sV, gid, tig);
     __syncwarp();  // the next tile overwrites sK / sV
+    issue(it + kWarps, s0, s_end);
   }
+  mma::cp_async_wait_all();  // nothing of this warp's may land in the merge buffers below
 
   // ---- merge the warps: per row max M over warps, o and l rescaled to M, summed in warp order
 #pragma unroll
@@ -277,7 +315,8 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
   const int len = seq_len_of(p, b);
   const float scale_log2 = p.scale * kLog2e;
 
-  // The CTA's 16 query rows (rows past the group are zero).
+  // The CTA's 16 query rows (rows past the group are zero): issued here, awaited in attend_slice
+  // together with the first K/V tile.
   {
     T* sQ = reinterpret_cast<T*>(smem);
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
@@ -288,8 +327,6 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
       mma::cp_async_16(sQ + r * Cfg::kLdQK + c, on ? q + static_cast<index_t>(hq0 + r) * p.q_head_stride + c : q, on);
     }
     mma::cp_async_commit();
-    mma::cp_async_wait_all();
-    __syncthreads();
   }
 
   const int slot = kSelected ? pl.splits_cmp + pl.splits_win + blockIdx.x : blockIdx.x;
@@ -351,21 +388,29 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
     const int jbase = c0i / b_units;
     float* bs_out = bs + ((static_cast<index_t>(b) * p.heads_kv + g) * pl.splits_cmp + split) * G * nbc +
                     static_cast<index_t>(h_in_group) * nbc;
-    for (int idx = threadIdx.x; idx < rows * nbc; idx += kThreads) {
-      const int r = idx / nbc, jj = idx % nbc;
+    // Each (row, tile) factor exp(scale (m_tile - M)) once, in place of m_tile.
+    float* sTileM = sS + kRows * ldS;
+    const int ld_tiles = ldS / kTile;
+    for (int idx = threadIdx.x; idx < rows * ld_tiles; idx += kThreads) {
+      const int r = idx / ld_tiles;
       float M = -INFINITY;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sMw[w * kRows + r]);
+      const float mt = sTileM[idx];
+      sTileM[idx] = (M == -INFINITY || mt == -INFINITY) ? 0.f : exp2f((mt - M) * scale_log2);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * nbc; idx += kThreads) {
+      const int r = idx / nbc, jj = idx % nbc;
+      const int j = jbase + jj;
+      const int j_lo = j * b_units, j_hi = j_lo + b_units;  // the block's units [j_lo, j_hi)
+      const int i_lo = max(max(j_lo - a_units + 1, 0), c0i), i_hi = min(j_hi - 1, c_last);
+      const float* srow = sS + r * ldS - c0i;
+      const float* frow = sTileM + r * ld_tiles;
       float acc = 0.f;
-      if (M != -INFINITY) {
-        const int j = jbase + jj;
-        const int j_lo = j * b_units, j_hi = j_lo + b_units;  // the block's units [j_lo, j_hi)
-        const int i_lo = max(max(j_lo - a_units + 1, 0), c0i), i_hi = min(j_hi - 1, c_last);
-        const float* srow = sS + r * ldS - c0i;
-        for (int i = i_lo; i <= i_hi; ++i) {
-          const int overlap = min(i + a_units, j_hi) - max(i, j_lo);
-          acc += static_cast<float>(overlap) * exp2f((srow[i] - M) * scale_log2);
-        }
+      for (int i = i_lo; i <= i_hi; ++i) {
+        const int overlap = min(i + a_units, j_hi) - max(i, j_lo);
+        acc += static_cast<float>(overlap) * (srow[i] * frow[(i - c0i) / kTile]);
       }
       bs_out[static_cast<index_t>(r) * nbc + jj] = acc;
     }
@@ -425,13 +470,14 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* s_warp) {
   return r;
 }
 
+// Two CTAs per SM (63 registers): at batch 64 the B * H CTAs run in one wave, not two.
 // Selection: S[j] for the valid blocks j <= t / l' from the partial block scores and the group's
 // compressed lse, forced blocks +inf, then the n largest by (score desc, block asc): an exact
 // MSB-first radix select on the order-preserving 32-bit keys finds the n-th largest key and how
 // many blocks equal to it to take (the lowest ones); a block-wide scan emits the chosen blocks
 // in ascending order.
 template <int kBlockThreads>
-__global__ void __launch_bounds__(kBlockThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 2)
     decode_select_kernel(const DecodeParams p, const DecodePlan pl, const float* ml, const float* bs, float* score,
                          int* sel, bool weights_in_smem) {
   // [G] max, [G] 1 / sum of the compressed branch; then, if weights_in_smem, the weight of every
@@ -595,10 +641,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
 // ------------------------------------------------------------------------------------------
 // Kernel 4: merge each branch's partials, gate, write o.
+
+// Floats of the per-split coefficients in the combine kernel's shared memory, rounded to 16
+// bytes (the warps' float4 sums follow). 16 spare floats: the coefficient loop's unrolled
+// shared loads may read a few past `splits` (seen under compute-sanitizer); they multiply nothing.
+__host__ __device__ constexpr int combine_coef_floats(int splits) { return (splits + 16 + 3) / 4 * 4; }
+
 template <typename T, int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     decode_combine_kernel(const DecodeParams p, const DecodePlan pl, const float* o_part, const float* ml) {
-  extern __shared__ float s_coef[];  // [splits]: gate * exp(m_k - M) / L of the split's branch
+  extern __shared__ __align__(16) float s_coef[];  // [splits]: gate * exp(m_k - M) / L of the split's branch
   __shared__ float s_branch[3][2];
   const int hq = blockIdx.x, b = blockIdx.y;
   const int Dv = p.head_dim_v;
@@ -642,11 +694,31 @@ __global__ void __launch_bounds__(kBlockThreads)
     s_coef[k] = (L > 0.f && m != -INFINITY) ? gate[br] * exp2f((m - M) * scale_log2) / L : 0.f;
   }
   __syncthreads();
+  // Warp w sums splits w, w + kW, ... over float4 columns (a single serial chain over all the
+  // splits was the kernel's latency at batch 1); the warps' sums are added in warp order, so
+  // every run gives the same bits.
+  constexpr int kW = kBlockThreads / 32;
+  float* s_part = s_coef + combine_coef_floats(pl.splits);  // [kW][Dv]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* ob = o_part + slot0 * Dv;
+  for (int c = lane * 4; c < Dv; c += 128) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int k = warp; k < pl.splits; k += kW) {
+      const float cf = s_coef[k];
+      const float4 x = *reinterpret_cast<const float4*>(ob + static_cast<index_t>(k) * Dv + c);
+      acc.x += cf * x.x;
+      acc.y += cf * x.y;
+      acc.z += cf * x.z;
+      acc.w += cf * x.w;
+    }
+    *reinterpret_cast<float4*>(s_part + warp * Dv + c) = acc;
+  }
+  __syncthreads();
   for (int c = threadIdx.x; c < Dv; c += kBlockThreads) {
     float acc = 0.f;
-#pragma unroll 8
-    for (int k = 0; k < pl.splits; ++k) acc += s_coef[k] * ob[static_cast<index_t>(k) * Dv + c];
+#pragma unroll
+    for (int w = 0; w < kW; ++w) acc += s_part[w * Dv + c];
     orow[c] = from_f<T>(acc);
   }
 }

@@ -72,9 +72,8 @@ Status run_decode_fwd(const DecodeParams& p, const DecodePlan& pl, void* workspa
   // 4. merge + gates
   {
     auto kernel = dd::decode_combine_kernel<T, dd::kCombineThreads>;
-    // 16 spare floats: the merge loop's unrolled shared loads may read a few past `splits`
-    // (seen under compute-sanitizer); they multiply nothing.
-    const size_t smem = static_cast<size_t>(pl.splits + 16) * sizeof(float);
+    const size_t smem =
+        (static_cast<size_t>(dd::combine_coef_floats(pl.splits)) + (dd::kCombineThreads / 32) * p.head_dim_v) * sizeof(float);
     Status st = dd::set_smem(kernel, smem);
     if (!st.ok()) return st;
     kernel<<<dim3(static_cast<unsigned>(p.heads_q), static_cast<unsigned>(p.batch)), dd::kCombineThreads, smem,
