@@ -18,6 +18,7 @@ from . import ops
 __all__ = ["nsa_attention"]
 
 _FN = "nsa_attention"
+MAX_TOKENS = 2 ** 31 - 2 ** 21  # longest sequence / packed batch (csrc/torch/checks.cpp: kMaxTokens)
 
 
 def _int_arg(name: str, value, minimum: int) -> int:
@@ -69,6 +70,12 @@ def _validate(q, k, v, gates, w_k, w_v, pe_k, pe_v, cmp_block, cmp_stride, sel_b
         if t.shape[:-2] != lead:
             raise ValueError(f"{_FN}: argument '{name}' must have the token dims {list(lead)} of 'q', "
                              f"got shape {_shape(t)}")
+    # Positions are int32 in the kernels, with 2^21 of headroom for rounding up to block
+    # multiples (docs/OFFSET_AUDIT.md); checked here so that the message names this call's 'q'.
+    tokens = q.shape[1] if cu_seqlens is None else q.shape[0]
+    if tokens > MAX_TOKENS:
+        what = "sequence" if cu_seqlens is None else "packed batch"
+        raise ValueError(f"{_FN}: argument 'q' holds {tokens} tokens per {what}; at most 2^31 - 2^21 = {MAX_TOKENS}")
     HQ, Dk = q.shape[-2], q.shape[-1]
     H, Dv = k.shape[-2], v.shape[-1]
     if H < 1 or HQ % H != 0:

@@ -240,6 +240,49 @@ def test_huge_block_sizes_rejected(fn, kwargs, name):
         getattr(nsa_cuda, fn)(*args, **kwargs)
 
 
+# ---- the token cap (docs/OFFSET_AUDIT.md): sequences and packed batches of more than 2^31 - 2^21
+# tokens are rejected before any kernel runs. The tensors are expanded along the token dim (stride
+# 0), so the test allocates a few bytes, not gigabytes.
+_TOO_MANY = nsa_cuda.functional.MAX_TOKENS + 1
+
+
+def _tokens(*shape):
+    small = [1 if n == _TOO_MANY else n for n in shape]
+    return torch.zeros(small).expand(*shape)
+
+
+_CAP_CASES = {
+    "compress": (lambda: nsa_cuda.compress(_tokens(1, _TOO_MANY, 1, 16)), "x"),
+    "compressed_attention": (lambda: nsa_cuda.compressed_attention(
+        _tokens(1, _TOO_MANY, 2, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 4, 1, 16)), "q"),
+    "select_blocks": (lambda: nsa_cuda.select_blocks(
+        _tokens(1, _TOO_MANY, 2, 16), torch.zeros(1, 4, 1, 16), _tokens(1, _TOO_MANY, 2), top_n=1), "q"),
+    "selected_attention": (lambda: nsa_cuda.selected_attention(
+        _tokens(1, _TOO_MANY, 2, 16), _tokens(1, _TOO_MANY, 1, 16), _tokens(1, _TOO_MANY, 1, 16),
+        torch.zeros(1, 1, 1, 1, dtype=torch.int32).expand(1, _TOO_MANY, 1, 1)), "q"),
+    "window_attention": (lambda: nsa_cuda.window_attention(
+        _tokens(1, _TOO_MANY, 2, 16), _tokens(1, _TOO_MANY, 1, 16), _tokens(1, _TOO_MANY, 1, 16)), "q"),
+    "nsa_attention": (lambda: nsa_cuda.nsa_attention(
+        _tokens(1, _TOO_MANY, 2, 16), _tokens(1, _TOO_MANY, 1, 16), _tokens(1, _TOO_MANY, 1, 16),
+        *[_tokens(1, _TOO_MANY, 2)] * 3), "q"),
+    "compress_packed": (lambda: nsa_cuda.compress(
+        _tokens(_TOO_MANY, 1, 16), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "cu_seqlens"),
+    "window_attention_packed": (lambda: nsa_cuda.window_attention(
+        _tokens(_TOO_MANY, 2, 16), _tokens(_TOO_MANY, 1, 16), _tokens(_TOO_MANY, 1, 16),
+        cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), "cu_seqlens"),
+    "nsa_attention_packed": (lambda: nsa_cuda.nsa_attention(
+        _tokens(_TOO_MANY, 2, 16), _tokens(_TOO_MANY, 1, 16), _tokens(_TOO_MANY, 1, 16),
+        *[_tokens(_TOO_MANY, 2)] * 3, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=5), "q"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CAP_CASES))
+def test_token_cap_rejected(case):
+    fn, arg = _CAP_CASES[case]
+    with pytest.raises(ValueError, match=rf"(?s)(?=.*'{arg}')(?=.*2\^31 - 2\^21)"):
+        fn()
+
+
 # ---- the rest of the matrix: one row per bad input (issue 7 item 1) ------------------------------
 # Each row: (id, thunk, exception type, the argument the message must name). Built lazily so that the
 # tensors are made under the autouse seed fixture.
