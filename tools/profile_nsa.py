@@ -20,6 +20,15 @@ import nsa_cuda
 HP = dict(cmp_block=32, cmp_stride=16, sel_block=64, top_n=16, init_blocks=1, local_blocks=2, window=512)
 
 
+def _device_us(ev) -> float:
+    """Self device time of a profiler event in us (the attribute's name changed across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        v = getattr(ev, name, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
 def profile_decode(B: int, T: int, HQ: int, H: int, D: int) -> None:
     dt = torch.bfloat16
     k = torch.randn(B, T, H, D, device="cuda", dtype=dt)
@@ -42,6 +51,14 @@ def profile_decode(B: int, T: int, HQ: int, H: int, D: int) -> None:
         torch.cuda.synchronize()
     print(f"decode B={B} T={T} HQ={HQ} H={H} D={D} (10 steps)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+    # One line per kernel: device us per step (the table's columns are too wide to grep).
+    total = 0.0
+    for ev in sorted(prof.key_averages(), key=lambda e: -_device_us(e)):
+        us = _device_us(ev) / 10
+        if us > 0:
+            total += us
+            print(f"  per step {us:9.1f} us  {ev.key[:90]}")
+    print(f"  per step {total:9.1f} us  (all kernels)")
 
 
 def main() -> None:
