@@ -50,8 +50,6 @@ __device__ __forceinline__ int tile_offset(index_t x, index_t s0) {
   return r < -1 ? -1 : (r > kBlockN + 1 ? kBlockN + 1 : static_cast<int>(r));
 }
 
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-
 // ---------------------------------------------------------------------------------------------
 // Contiguous key ranges: the compressed branch (compressed tokens [0, nvis(t))) and the sliding
 // window (keys [t - w + 1, t]).
@@ -110,7 +108,7 @@ __device__ __forceinline__ void range_tile_loop(int n_tiles, Issue&& issue, OnTi
     if (it + 1 < n_tiles) {
       issue(it + 1);
       mma::cp_async_commit();
-      cp_async_wait_one();
+      mma::cp_async_wait<1>();
     } else {
       mma::cp_async_wait_all();
     }
@@ -230,7 +228,7 @@ struct SelBlockWalk {
       if (nn > 0) {
         load_set(set ^ 1, nj, nsub, nn);
         mma::cp_async_commit();
-        cp_async_wait_one();
+        mma::cp_async_wait<1>();
       } else {
         mma::cp_async_wait_all();
       }

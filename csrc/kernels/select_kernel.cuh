@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
       if (it + 1 < n_tiles) {
         load_tile(it + 1);
         mma::cp_async_commit();
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        mma::cp_async_wait<1>();
       } else {
         mma::cp_async_wait_all();
       }
