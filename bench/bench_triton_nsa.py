@@ -145,7 +145,6 @@ def main() -> None:
         flops = 2.0 * visible * HQ * D  # the recomputed q.k products
         row("top-n selection", common.median_ms(ours_topk, 3, 10), common.median_ms(fla_topk_call, 3, 10),
             None, None, flops, f"same block set in {agree * 100:.1f}% of (token, head) rows")
-        print(rows[-4:])
 
     rows.append(["-", "any branch, G = 4 (HQ = 16, H = 4)", "runs", "unsupported (fla needs G >= 16)", "-", "-",
                  "-", "-", "-", "-", "-", "-"])
