@@ -31,8 +31,9 @@ def _curves(out):
 def test_recall_task_batches():
     task = train_recall.RecallTask(seq_len=96, num_pairs=6, num_queries=4, key_vocab=8, value_vocab=5, noise_vocab=3)
     task.validate()
-    ids, ans = task.batch(8, torch.Generator().manual_seed(1))
+    ids, ans, first = task.batch(8, torch.Generator().manual_seed(1))
     assert ids.shape == (8, 96) and ans.shape == (8, 4) and ids.dtype == torch.int64
+    assert first.all(), "without repeats every query is a first query"
     assert ids.min() >= 0 and ids.max() < task.vocab_size
     for b in range(8):
         ctx = ids[b, :task.ctx_len].tolist()
@@ -45,10 +46,29 @@ def test_recall_task_batches():
             assert task.value0 <= ans[b, j] < task.noise0
     with pytest.raises(ValueError, match="key_vocab"):
         train_recall.RecallTask(96, 9, 4, 8, 5, 3).validate()
+    with pytest.raises(ValueError, match="repeat_queries"):
+        train_recall.RecallTask(96, 6, 4, 8, 5, 3, -1).validate()
     with pytest.raises(ValueError, match="do not fit"):
         train_recall.RecallTask(24, 9, 4, 16, 5, 3).validate()
     with pytest.raises(SystemExit):  # the command line says so before anything runs
         train_recall.parse_args(SMOKE + ["--num-pairs", "100"])
+
+
+def test_recall_task_repeated_queries():
+    task = train_recall.RecallTask(seq_len=128, num_pairs=6, num_queries=4, key_vocab=8, value_vocab=5,
+                                   noise_vocab=3, repeat_queries=12)
+    task.validate()
+    assert task.total_queries == 16 and task.ctx_len == 128 - 32
+    ids, ans, first = task.batch(16, torch.Generator().manual_seed(2))
+    assert ids.shape == (16, 128) and ans.shape == first.shape == (16, 16)
+    assert (first.sum(1) == 4).all(), "each of the 4 queried keys has exactly one first query"
+    for b in range(16):
+        ctx = ids[b, :task.ctx_len].tolist()
+        qkeys = ids[b, task.ctx_len::2].tolist()
+        assert len(set(qkeys)) == 4
+        for j, k in enumerate(qkeys):
+            assert ctx[ctx.index(k) + 1] == ans[b, j] == ids[b, task.ctx_len + 2 * j + 1]
+            assert bool(first[b, j]) == (k not in qkeys[:j])
 
 
 def test_smoke_preset_trains_both_and_writes_outputs(tmp_path, capsys):
