@@ -25,7 +25,8 @@ struct SelFwdConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLdQK = kHeadDim + 8;  // padded smem rows: conflict-free fragment loads
   static constexpr int kLdV = kHeadDimV + 8;
-  static constexpr int kTilesPerSet = kHeadDim <= 192 && kWarps > 1 ? 2 : 1;  // 64 keys = one block of l' = 64
+  // 64 keys = one block of l' = 64; one tile for one- and two-warp CTAs (five per SM)
+  static constexpr int kTilesPerSet = kHeadDim <= 192 && kWarps > 2 ? 2 : 1;
   static constexpr int kTileElems = kBlockN * kLdQK + kBlockN * kLdV;
   static constexpr int kSmemBytes =
       (kWarps * kRows * kLdQK + 2 * kTilesPerSet * kTileElems) * 2 + 2 * kWarps * static_cast<int>(sizeof(int));

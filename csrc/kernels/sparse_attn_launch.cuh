@@ -28,7 +28,7 @@ Status launch_sel_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   auto kernel = sparse_detail::sparse_attn_fwd_kernel<T, kHeadDim, kHeadDimV, kWarps>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  if (kWarps == 1) {  // five one-warp CTAs per SM need the max-shared carveout
+  if (kWarps <= 2) {  // five one- or two-warp CTAs per SM need the max-shared carveout
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   }
@@ -45,9 +45,10 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.mode == AttnMode::kWindow)
     return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
-  const char* solo = getenv("NSA_SEL_FWD_SOLO");  // A/B switch while measuring
-  if (G >= sparse_detail::kRows && solo != nullptr && solo[0] == '1')
-    return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 1>(p, stream);
+  const char* warps = getenv("NSA_SEL_FWD_WARPS");  // A/B switch while measuring: 1 (G >= 16), 2, 4
+  const int w = warps != nullptr ? atoi(warps) : 4;
+  if (w == 1 && G >= sparse_detail::kRows) return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 1>(p, stream);
+  if (w == 2) return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 2>(p, stream);
   return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 4>(p, stream);
 }
 
