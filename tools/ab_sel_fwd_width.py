@@ -1,0 +1,45 @@
+"""A/B of the selected-block forward's CTA width (NSA_SEL_FWD_WARPS = 4, 2, 1; the launcher reads
+it per launch, so one process times all widths) on lists shared by 16 neighbouring tokens and on
+independent lists, G = 16 and G = 4, T = 16k and 64k; checks that all widths give the same output.
+
+    python tools/ab_sel_fwd_width.py      # on a GPU, from the repository root
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import nsa_cuda  # noqa: E402
+from bench_sparse_attn import make_block_idx  # noqa: E402
+
+D, H, LP, N = 128, 4, 64, 16
+
+
+def main() -> None:
+    print(f"card: {common.card()}")
+    for HQ in (64, 16):
+        for T in (16384, 65536):
+            torch.manual_seed(0)
+            q = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+            for kind, redraw in (("shared", 16), ("independent", 1)):
+                idx = make_block_idx(T, H, N, LP, redraw=redraw)
+                res = {}
+                for w in (("4", "2", "1") if HQ // H >= 16 else ("4", "2")):
+                    os.environ["NSA_SEL_FWD_WARPS"] = w
+
+                    def f():
+                        return nsa_cuda.selected_attention(q, k, v, idx, sel_block=LP)[0]
+
+                    res[w] = (common.median_ms(f, 3, 10), f())
+                d = max((res[w][1].float() - res["4"][1].float()).abs().max().item() for w in res)
+                print(f"G={HQ // H} T={T} {kind}: " + "  ".join(f"warps={w} {res[w][0]:.3f} ms" for w in res)
+                      + f"  max diff {d:.1e}", flush=True)
+    os.environ.pop("NSA_SEL_FWD_WARPS", None)
+
+
+if __name__ == "__main__":
+    main()
