@@ -5,10 +5,11 @@
 //   1. partials   grid (splits_cmp + splits_win, H * head_chunks, B): each CTA attends the 16
 //                 query heads of one (b, KV head) chunk to one slice of the compressed keys or
 //                 of the sliding window (mma.sync, K/V rows read once for all heads), writes an
-//                 unnormalised partial (o, max, sum); compressed slices also write per-head
-//                 partial block scores (§1.3, relative to the slice's max);
-//   2. select     grid (H, B): merges the compressed lse of the group's G heads, sums the
-//                 partial block scores into S[j], forces init / local blocks and takes the
+//                 unnormalised partial (o, max, sum); compressed slices also write, per 32-token
+//                 tile and head, the partial block scores of the blocks the tile overlaps
+//                 (§1.3), relative to the head's running max after that tile (also written);
+//   2. select     grid (H, B): merges the compressed lse of the group's G heads, rescales and
+//                 sums the tiles' partial block scores into S[j], forces init / local blocks and takes the
 //                 top-n by an exact radix select (ties to the lower block, §1.4);
 //   3. selected   grid (splits_slc, H * head_chunks, B): attention over slices of the
 //                 selected blocks, partials as in 1;
@@ -29,22 +30,25 @@ namespace nsa {
 
 constexpr int kDecodeRows = 16;       // query heads per attention CTA (one m16 tile)
 constexpr int kDecodeTile = 32;       // keys per tile
-constexpr int kDecodeMaxChunk = 512;  // compressed tokens per split at most (bounds a CTA's score buffer)
+constexpr int kDecodeMaxChunk = 512;  // compressed tokens per split at most
 
 // Warps of an attention CTA (kernels 1 and 3): 4, or 2 for the widest heads, whose tiles would
 // not fit otherwise.
 constexpr int decode_attn_warps(int dk, int dv) { return dk + dv <= 384 ? 4 : 2; }
 
 // Dynamic shared memory of an attention CTA: the 16 query rows, one K and one V tile of 32 keys
-// per warp (padded rows), the warps' (max, sum) per row, and for a compressed slice the
-// exponentials [16][score_cols + 8] fp32 and their tiles' maxima [16][(score_cols + 8) / 32].
-constexpr size_t decode_attn_smem_bytes(int dk, int dv, int score_cols) {
+// per warp (padded rows) and the warps' (max, sum) per row. The block scores need none (they
+// are summed per tile from the registers), so three CTAs fit an SM (74.5 KB at Dk = Dv = 128).
+constexpr size_t decode_attn_smem_bytes(int dk, int dv) {
   return (static_cast<size_t>(kDecodeRows) * (dk + 8) +
           static_cast<size_t>(decode_attn_warps(dk, dv)) * kDecodeTile * ((dk + 8) + (dv + 8))) * 2 +
-         static_cast<size_t>(decode_attn_warps(dk, dv)) * kDecodeRows * 2 * sizeof(float) +
-         (score_cols > 0 ? static_cast<size_t>(kDecodeRows) * (score_cols + 8 + (score_cols + 8) / kDecodeTile) * sizeof(float)
-                         : 0);
+         static_cast<size_t>(decode_attn_warps(dk, dv)) * kDecodeRows * 2 * sizeof(float);
 }
+
+// Block-score slots per (compressed tile, head): the blocks that a tile of 32 compressed tokens
+// can overlap, a = l / d and b = l' / d in units of the stride d (which divides both): tokens
+// [u, u + 32) cover units [u, u + 31 + a), i.e. blocks floor(u / b) .. floor((u + 30 + a) / b).
+constexpr int decode_tile_blocks(int a_units, int b_units) { return (kDecodeTile - 2 + a_units) / b_units + 2; }
 
 // Work split and scratch layout of one decode call; a pure function of the shapes.
 struct DecodePlan {
@@ -53,12 +57,14 @@ struct DecodePlan {
   int splits_win = 0, chunk_win = 0;    // window keys per split (multiple of 32)
   int splits_slc = 0, blocks_per_slc = 0;
   int splits = 0;                       // all partial slots of one (b, query head)
-  int nbc = 0;                          // block-score slots per (compressed split, head)
+  int tiles_cmp = 0;                    // compressed tiles of 32 tokens: splits_cmp * chunk_cmp / 32
+  int nbt = 0;                          // block-score slots per (tile, head): decode_tile_blocks
+  int ld_bs = 0;                        // nbt + 1: the slots, then the head's max after the tile
   int nb_max = 0;                       // ceil(S / sel_block): blocks a sequence can have
   // byte offsets into the workspace
   size_t off_o = 0;      // fp32 [B, HQ, splits, Dv]   unnormalised partial outputs
   size_t off_ml = 0;     // fp32 [B, HQ, splits, 2]    (max of raw q.k, sum of exp) per partial
-  size_t off_bs = 0;     // fp32 [B, H, splits_cmp, G, nbc]  partial block scores
+  size_t off_bs = 0;     // fp32 [B, H, tiles_cmp, G, ld_bs]  partial block scores + max per tile
   size_t off_score = 0;  // fp32 [B, H, nb_max]        block scores S[j]
   size_t off_sel = 0;    // int32 [B, H, top_n]        selected blocks, ascending, -1 padded
   size_t bytes = 0;

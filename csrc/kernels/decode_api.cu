@@ -15,7 +15,7 @@ namespace {
 
 constexpr int kRows = kDecodeRows, kTile = kDecodeTile, kMaxChunk = kDecodeMaxChunk;
 constexpr int kMinKeysPerCta = 128;                     // below this the partials cost more than they save
-constexpr int kCtasPerSm = 2;
+constexpr int kCtasPerSm = 3;  // attention CTAs resident per SM (74.5 KB of shared memory each at D = 128)
 
 constexpr int value_dim_of(int dk) { return dk == 192 ? 128 : dk; }
 
@@ -68,8 +68,9 @@ DecodePlan decode_plan(const DecodeParams& p, int num_sms) {
   pl.splits_slc = static_cast<int>(ceil_div(n_eff, bpc));
   pl.blocks_per_slc = static_cast<int>(ceil_div(n_eff, pl.splits_slc));
   pl.splits = pl.splits_cmp + pl.splits_win + pl.splits_slc;
-  // A slice of chunk_cmp tokens overlaps at most this many selection blocks (any alignment).
-  pl.nbc = static_cast<int>(((pl.chunk_cmp - 1) * d + l + lp - 2) / lp + 1);
+  pl.tiles_cmp = pl.splits_cmp * (pl.chunk_cmp / kTile);
+  pl.nbt = decode_tile_blocks(static_cast<int>(std::max<index_t>(l / d, 1)), static_cast<int>(std::max<index_t>(lp / d, 1)));
+  pl.ld_bs = pl.nbt + 1;
 
   const index_t HQ = std::max(p.heads_q, 0), Dv = std::max(p.head_dim_v, 0);
   size_t off = 0;
@@ -80,7 +81,7 @@ DecodePlan decode_plan(const DecodeParams& p, int num_sms) {
   };
   pl.off_o = take(sizeof(float) * B * HQ * pl.splits * Dv);
   pl.off_ml = take(sizeof(float) * B * HQ * pl.splits * 2);
-  pl.off_bs = take(sizeof(float) * B * H * pl.splits_cmp * pl.G * pl.nbc);
+  pl.off_bs = take(sizeof(float) * B * H * pl.tiles_cmp * pl.G * pl.ld_bs);
   pl.off_score = take(sizeof(float) * B * H * pl.nb_max);
   pl.off_sel = take(sizeof(int) * B * H * n);
   pl.bytes = off;

@@ -25,7 +25,7 @@ namespace decode_detail {
 constexpr int kRows = kDecodeRows;
 constexpr int kTile = kDecodeTile;
 constexpr int kSelectThreads = 512;
-constexpr size_t kSelectMaxWeightBytes = 64 * 1024;  // per-(split, head) weights kept in shared memory up to this
+constexpr size_t kSelectMaxWeightBytes = 64 * 1024;  // per-(tile, head) weights kept in shared memory up to this
 constexpr int kCombineThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -40,12 +40,12 @@ struct AttnCfg {
   static constexpr size_t kTileBytes = (static_cast<size_t>(kRows) * kLdQK + static_cast<size_t>(kWarps) * kWarpElems) * 2;
   static constexpr size_t kStatBytes = static_cast<size_t>(kWarps) * kRows * 2 * sizeof(float);
   static_assert(kRows * kLdO * sizeof(float) <= kWarpElems * 2, "merge buffer must fit in a warp's tiles");
-  static_assert(kTileBytes + kStatBytes == decode_attn_smem_bytes(kHeadDim, kHeadDimV, 0),
+  static_assert(kTileBytes + kStatBytes == decode_attn_smem_bytes(kHeadDim, kHeadDimV),
                 "decode.h's shared-memory formula must match the layout");
-  // Two CTAs per SM on sm_90 (the loads of one hide the other's epilogue); fits sm_80's 163 KB.
-  static_assert(decode_attn_smem_bytes(kHeadDim, kHeadDimV, kDecodeMaxChunk) <= 163 * 1024, "sm_80 shared memory");
-  // Dynamic shared memory; score_cols > 0 adds the compressed slice's exponentials and tile maxima.
-  static size_t smem_bytes(int score_cols) { return decode_attn_smem_bytes(kHeadDim, kHeadDimV, score_cols); }
+  // Three CTAs per SM on sm_90 (the loads of one hide the others' epilogues); fits sm_80's 163 KB.
+  static_assert(decode_attn_smem_bytes(kHeadDim, kHeadDimV) <= 163 * 1024, "sm_80 shared memory");
+  static_assert(kRows * (kTile + 1) + kRows <= kTile * kLdQK / 2, "tile scores are staged in a warp's K tile");
+  static size_t smem_bytes() { return decode_attn_smem_bytes(kHeadDim, kHeadDimV); }
 };
 
 // Tokens of the sequence including the new one; cache_seqlens outside [0, S] are clamped.
@@ -153,21 +153,72 @@ struct PartialOut {
   index_t head_step_o, head_step_ml;
 };
 
+// Where a compressed slice's per-tile block scores go: slots of (tile, first row) at
+// base + tile * tile_step; row r at + r * ld (nbt block slots, then the row's max after the tile).
+struct TileScoreOut {
+  float* base;
+  index_t tile_step;
+  int ld, nbt;
+  int a_units, b_units;  // l / d and l' / d
+};
+
+// kScores step of attend_slice for one tile (tokens [s0, s0 + 32), s0 a multiple of 32): the
+// exponentials x (C fragments, 0 for masked keys) go to the warp's K tile as [16][33] fp32 and
+// the rows' maxima after it; each lane then sums (row, block) items. sK must no longer be read
+// by gemm_qk of this tile (the first __syncwarp) and is free again for the next tile's loads
+// after the second.
+template <typename T>
+__device__ __forceinline__ void tile_block_scores(const float (&x)[4][4], const float (&m_tile)[2], T* sK, index_t s0,
+                                                  int rows, const TileScoreOut& ts, int lane) {
+  constexpr int kLdX = kTile + 1;  // odd stride: lanes on different rows read different banks
+  const int gid = lane >> 2, tig = lane & 3;
+  float* sX = reinterpret_cast<float*>(sK);
+  float* sM = sX + kRows * kLdX;
+  __syncwarp();
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = gid + ri * 8;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      sX[r * kLdX + n * 8 + 2 * tig] = x[n][ri * 2];
+      sX[r * kLdX + n * 8 + 2 * tig + 1] = x[n][ri * 2 + 1];
+    }
+    if (tig == 0) sM[r] = m_tile[ri];
+  }
+  __syncwarp();
+  // Positions fit in int (cache_len); in units of d, token i covers [i, i + a), block j [j b, (j + 1) b).
+  const int u0 = static_cast<int>(s0), a = ts.a_units, b = ts.b_units, nbt = ts.nbt;
+  const int jfirst = u0 / b;
+  float* dst = ts.base + (s0 / kTile) * ts.tile_step;
+  for (int item = lane; item < rows * nbt; item += 32) {
+    const int r = item / nbt, jj = item - r * nbt;
+    const int j_lo = (jfirst + jj) * b, j_hi = j_lo + b;
+    const int i_lo = max(j_lo - a + 1, u0), i_hi = min(j_hi - 1, u0 + kTile - 1);
+    const float* xr = sX + r * kLdX - u0;
+    float acc = 0.f;
+    for (int i = i_lo; i <= i_hi; ++i) acc += static_cast<float>(min(i + a, j_hi) - max(i, j_lo)) * xr[i];
+    dst[r * ts.ld + jj] = acc;
+  }
+  if (lane < rows) dst[lane * ts.ld + nbt] = sM[lane];
+  __syncwarp();
+}
+
 // Attention of the CTA's 16 query rows over `n_tiles` key tiles; the caller has issued and
 // committed the cp.async group of the query rows (sQ), not waited for it. tile_of(it, s0, s_end)
 // gives tile `it`'s first key row and the end of its valid rows (s_end <= s0: empty). Warp w
 // takes tiles w, w + kWarps, ... (a second tile in flight per warp, with one CTA per SM, measured
-// slower on the H200 than two CTAs of one tile per warp: the CTAs hide each other's epilogue).
-// kScores also
-// stores, for every key at column (s - col0) of sS, exp(scale (q.k - m_tile)) (0 for masked
-// keys), with m_tile, the row's running max after tile `it`, at sS[16 * ldS + row * (ldS / 32)
-// + it] (the softmax computes these exponentials anyway; the block scores only rescale them).
-// Writes the CTA's partial. On return sS is complete and sMw / sLw hold every warp's (m, l)
-// (the slice max of a row is their max over warps): both were written before a __syncthreads.
+// slower on the H200 than several CTAs of one tile per warp: the CTAs hide each other's epilogue).
+// kScores (compressed slices, whose key rows are compressed tokens and whose tiles start at
+// multiples of 32) also writes, per tile and row, the partial block scores of §1.3 from the
+// softmax's own exponentials x_i = exp(scale (q.k_i - m_tile)), m_tile being the row's running
+// max after the tile: bs[jj] = sum over the tile's tokens i of overlap(i, j) x_i for the blocks
+// j = floor(u / b) + jj the tile overlaps, and m_tile (kernel 2 rescales each tile to the head's
+// max). The exponentials are staged in the warp's K tile, free once S is computed.
+// Writes the CTA's partial.
 template <typename T, int kHeadDim, int kHeadDimV, bool kScores, class TileFn>
 __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, index_t k_row_stride, const T* vb,
                                              index_t v_row_stride, int n_tiles, TileFn&& tile_of, float scale_log2,
-                                             int rows, const PartialOut& out, float* sS, int ldS, index_t col0) {
+                                             int rows, const PartialOut& out, const TileScoreOut& ts) {
   using Cfg = AttnCfg<kHeadDim, kHeadDimV>;
   constexpr int kWarps = Cfg::kWarps, kThreads = Cfg::kThreads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -233,20 +284,13 @@ __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, i
             rs += x;
           }
         l_run[ri] = l_run[ri] * alpha + rs;
-        if constexpr (kScores) {  // exp(scale (q.k - m_tile)) and m_tile, rescaled to the slice max later
-          const int r = gid + ri * 8;
-          float* row = sS + r * ldS + (s0 - col0) + 2 * tig;
-#pragma unroll
-          for (int n = 0; n < 4; ++n)
-            *reinterpret_cast<float2*>(row + n * 8) = make_float2(s_acc[n][ri * 2], s_acc[n][ri * 2 + 1]);
-          if (tig == 0) sS[kRows * ldS + r * (ldS / kTile) + it] = m_new;  // -inf: no valid key in the tile
-        }
 #pragma unroll
         for (int n = 0; n < kHeadDimV / 8; ++n) {
           o_acc[n][ri * 2] *= alpha;
           o_acc[n][ri * 2 + 1] *= alpha;
         }
       }
+      if constexpr (kScores) tile_block_scores(s_acc, m_run, sK, s0, rows, ts, lane);
       gemm_pv<T, kHeadDimV, Cfg::kLdV>(o_acc, s_acc, sV, lane);
     }
     __syncwarp();  // the next tile overwrites sK / sV
@@ -306,10 +350,10 @@ __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, i
 // tokens, the rest slices of the sliding window; kSelected = true: a slice of the selected
 // blocks (kernel 2's list). blockIdx.y = KV head * head_chunks + head chunk, blockIdx.z = b.
 template <typename T, int kHeadDim, int kHeadDimV, bool kSelected>
-__global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
+__global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads, 3)
     decode_attn_kernel(const DecodeParams p, const DecodePlan pl, float* o_part, float* ml, float* bs, const int* sel) {
   using Cfg = AttnCfg<kHeadDim, kHeadDimV>;
-  constexpr int kWarps = Cfg::kWarps, kThreads = Cfg::kThreads;
+  constexpr int kThreads = Cfg::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   const int b = blockIdx.z;
   const int g = blockIdx.y / pl.head_chunks, chunk = blockIdx.y % pl.head_chunks;
@@ -365,8 +409,8 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
       s_end = e;
     };
     attend_slice<T, kHeadDim, kHeadDimV, false>(smem, k_cache, p.k_stride.row, v_cache, p.v_stride.row,
-                                                 nslots > 0 ? nslots * tpb : 0, tile_of, scale_log2, rows, out, nullptr,
-                                                 0, 0);
+                                                 nslots > 0 ? nslots * tpb : 0, tile_of, scale_log2, rows, out,
+                                                 TileScoreOut{});
   } else if (static_cast<int>(blockIdx.x) < pl.splits_cmp) {
     const int split = blockIdx.x;
     const int nvis = len > 0 ? visible_compressed(p, len) : 0;
@@ -374,66 +418,20 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
     const index_t c_end = c0 + pl.chunk_cmp < nvis ? c0 + pl.chunk_cmp : static_cast<index_t>(nvis);
     const T* kc = static_cast<const T*>(p.k_cmp) + b * p.kc_stride.batch + static_cast<index_t>(g) * p.kc_stride.head;
     const T* vc = static_cast<const T*>(p.v_cmp) + b * p.vc_stride.batch + static_cast<index_t>(g) * p.vc_stride.head;
-    float* sS = reinterpret_cast<float*>(smem + Cfg::kTileBytes + Cfg::kStatBytes);
-    const int ldS = pl.chunk_cmp + 8;
     auto tile_of = [&](int it, index_t& s0, index_t& s_end) {
       s0 = c0 + static_cast<index_t>(it) * kTile;
       s_end = c_end;
     };
+    TileScoreOut ts;
+    ts.ld = pl.ld_bs;
+    ts.nbt = pl.nbt;
+    ts.tile_step = static_cast<index_t>(G) * pl.ld_bs;
+    ts.base = bs + (static_cast<index_t>(b) * p.heads_kv + g) * pl.tiles_cmp * ts.tile_step +
+              static_cast<index_t>(h_in_group) * pl.ld_bs;
+    ts.a_units = p.cmp_block / p.cmp_stride;
+    ts.b_units = p.sel_block / p.cmp_stride;
     attend_slice<T, kHeadDim, kHeadDimV, true>(smem, kc, p.kc_stride.row, vc, p.vc_stride.row, pl.chunk_cmp / kTile,
-                                                tile_of, scale_log2, rows, out, sS, ldS, c0);
-    // Partial block scores (§1.3) of the slice's tokens, relative to the slice max of each head:
-    // bs[jj] = sum_i c(i, jbase + jj) * exp(scale * (q.k_i - m)), tokens ascending. In units of
-    // the stride d (which divides l and l'), token i covers [i, i + a) and block j covers
-    // [j b, (j + 1) b): bounds and overlaps are integer differences (the 64-bit divisions per
-    // (head, block, token) they replace dominated the kernel). Positions fit in int (cache_len).
-    const float* sMw = reinterpret_cast<const float*>(smem + Cfg::kTileBytes);
-    const int a_units = p.cmp_block / p.cmp_stride, b_units = p.sel_block / p.cmp_stride, nbc = pl.nbc;
-    const int c0i = static_cast<int>(c0), c_last = static_cast<int>(c_end) - 1;
-    const int jbase = c0i / b_units;
-    float* bs_out = bs + ((static_cast<index_t>(b) * p.heads_kv + g) * pl.splits_cmp + split) * G * nbc +
-                    static_cast<index_t>(h_in_group) * nbc;
-    // Each (row, tile) factor exp(scale (m_tile - M)) once, in place of m_tile.
-    float* sTileM = sS + kRows * ldS;
-    const int ld_tiles = ldS / kTile;
-    const int n_valid = c_last - c0i + 1;  // tokens of the slice (<= 0: none)
-    const int valid_tiles = n_valid > 0 ? (n_valid + kTile - 1) / kTile : 0;
-    for (int idx = threadIdx.x; idx < rows * ld_tiles; idx += kThreads) {
-      const int r = idx / ld_tiles;
-      if (idx - r * ld_tiles >= valid_tiles) continue;  // a tile past the visible tokens: never written
-      float M = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sMw[w * kRows + r]);
-      const float mt = sTileM[idx];
-      sTileM[idx] = (M == -INFINITY || mt == -INFINITY) ? 0.f : exp2f((mt - M) * scale_log2);
-    }
-    __syncthreads();
-    // Every exponential rescaled to the slice max once (not once per block that overlaps it).
-    for (int r = 0; r < rows; ++r)
-      for (int i = threadIdx.x; i < n_valid; i += kThreads) sS[r * ldS + i] *= sTileM[r * ld_tiles + i / kTile];
-    __syncthreads();
-    // Items (row r, block jj) in order idx = r * nbc + jj, stepped without a division per item
-    // (the divisions were a third of this loop's instructions).
-    int r = threadIdx.x / nbc, jj = threadIdx.x - r * nbc;
-    const int step_r = kThreads / nbc, step_jj = kThreads - step_r * nbc;
-    for (int idx = threadIdx.x; idx < rows * nbc; idx += kThreads) {
-      const int j = jbase + jj;
-      const int j_lo = j * b_units, j_hi = j_lo + b_units;  // the block's units [j_lo, j_hi)
-      const int i_lo = max(max(j_lo - a_units + 1, 0), c0i), i_hi = min(j_hi - 1, c_last);
-      const float* srow = sS + r * ldS - c0i;
-      float acc = 0.f;
-      for (int i = i_lo; i <= i_hi; ++i) {
-        const int overlap = min(i + a_units, j_hi) - max(i, j_lo);
-        acc += static_cast<float>(overlap) * srow[i];
-      }
-      bs_out[static_cast<index_t>(r) * nbc + jj] = acc;
-      r += step_r;
-      jj += step_jj;
-      if (jj >= nbc) {
-        jj -= nbc;
-        ++r;
-      }
-    }
+                                                tile_of, scale_log2, rows, out, ts);
   } else {
     // Window keys [lo, t] (§1.6), this CTA's slice of them.
     const int wsplit = blockIdx.x - pl.splits_cmp;
@@ -446,7 +444,7 @@ __global__ void __launch_bounds__(AttnCfg<kHeadDim, kHeadDimV>::kThreads)
       s_end = k_end;
     };
     attend_slice<T, kHeadDim, kHeadDimV, false>(smem, k_cache, p.k_stride.row, v_cache, p.v_stride.row,
-                                                 pl.chunk_win / kTile, tile_of, scale_log2, rows, out, nullptr, 0, 0);
+                                                 pl.chunk_win / kTile, tile_of, scale_log2, rows, out, TileScoreOut{});
   }
 }
 
@@ -501,7 +499,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
     decode_select_kernel(const DecodeParams p, const DecodePlan pl, const float* ml, const float* bs, float* score,
                          int* sel, bool weights_in_smem) {
   // [G] max, [G] 1 / sum of the compressed branch; then, if weights_in_smem, the weight of every
-  // (compressed split k, head h) partial block score: exp(m_kh - M_h) / L_h, [splits_cmp][G]
+  // (compressed tile k, head h) partial block score: exp(m_kh - M_h) / L_h, [tiles_cmp][G]
   extern __shared__ float s_heads[];
   __shared__ int s_hist[256];
   __shared__ int s_warp[kBlockThreads / 32];
@@ -549,21 +547,27 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   }
   __syncthreads();
 
-  // A head without any visible compressed token (L = 0) has p = 0: weight 0 (its partials are 0).
+  // Tile k's partial block scores of head h are relative to m_kh, the head's running max after
+  // that tile: weight exp(m_kh - M_h) / L_h. A head without any visible compressed token (L = 0)
+  // has p = 0: weight 0. Only tiles holding a visible token were written (k * 32 < nvis).
+  const int ld = pl.ld_bs, nbt = pl.nbt;
+  const index_t tile_step = static_cast<index_t>(G) * ld;
+  const float* bs_g = bs + (static_cast<index_t>(b) * p.heads_kv + g) * pl.tiles_cmp * tile_step;
   auto weight = [&](index_t k, int h) {
     const float inv = sInvL[h];
-    return inv == 0.f ? 0.f : exp2f((ml_g[h * ml_head + 2 * k] - sM[h]) * scale_log2) * inv;
+    const float m = bs_g[k * tile_step + static_cast<index_t>(h) * ld + nbt];
+    return inv == 0.f || m == -INFINITY ? 0.f : exp2f((m - sM[h]) * scale_log2) * inv;
   };
   float* sW = s_heads + 2 * G;
+  const int tiles_vis = (nvis + kTile - 1) / kTile;
   if (weights_in_smem) {
-    for (int e = tid; e < pl.splits_cmp * G; e += kBlockThreads) sW[e] = weight(e / G, e % G);
+    for (int e = tid; e < tiles_vis * G; e += kBlockThreads) sW[e] = weight(e / G, e % G);
     __syncthreads();
   }
 
   float* sc = score + (static_cast<index_t>(b) * p.heads_kv + g) * pl.nb_max;
-  const float* bs_g = bs + (static_cast<index_t>(b) * p.heads_kv + g) * pl.splits_cmp * G * pl.nbc;
   const int t_blk = nv - 1;
-  const index_t chunk = pl.chunk_cmp;
+  const int b_units = lp / d;
   for (int j = tid; j < nv; j += kBlockThreads) {
     const bool forced = j < p.init_blocks || static_cast<index_t>(j) > static_cast<index_t>(t_blk) - p.local_blocks;
     float s = 0.f;
@@ -574,14 +578,15 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
       tokens_of_block(j, l, d, lp, i_lo, i_hi);
       if (i_hi > nvis - 1) i_hi = nvis - 1;
       if (i_lo <= i_hi) {
-        for (index_t k = i_lo / chunk; k <= i_hi / chunk; ++k) {
-          const float* bk = bs_g + k * G * pl.nbc + (j - k * chunk * d / lp);
+        for (index_t k = i_lo / kTile; k <= i_hi / kTile; ++k) {
+          // slot of block j in tile k: j - floor(first unit of the tile / b)
+          const float* bk = bs_g + k * tile_step + (j - (k * kTile) / b_units);
           if (weights_in_smem) {
             const float* wk = sW + k * G;
 #pragma unroll 8
-            for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * pl.nbc] * wk[h];
+            for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * ld] * wk[h];
           } else {
-            for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * pl.nbc] * weight(k, h);
+            for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * ld] * weight(k, h);
           }
         }
       }

@@ -14,9 +14,12 @@ inline Status launch_status() {
 }
 
 template <class Kernel>
-inline Status set_smem(Kernel kernel, size_t bytes) {
-  const cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+inline Status set_smem(Kernel kernel, size_t bytes, bool prefer_shared = false) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  // Three attention CTAs per SM need the largest shared-memory carveout (the driver may
+  // otherwise pick one that holds two).
+  if (e == cudaSuccess && prefer_shared)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
 
@@ -37,8 +40,8 @@ Status run_decode_fwd(const DecodeParams& p, const DecodePlan& pl, void* workspa
   // 1. compressed slices + window slices
   {
     auto kernel = dd::decode_attn_kernel<T, kHeadDim, kHeadDimV, false>;
-    const size_t smem = Cfg::smem_bytes(pl.chunk_cmp);
-    Status st = dd::set_smem(kernel, smem);
+    const size_t smem = Cfg::smem_bytes();
+    Status st = dd::set_smem(kernel, smem, /*prefer_shared=*/true);
     if (!st.ok()) return st;
     kernel<<<dim3(static_cast<unsigned>(pl.splits_cmp + pl.splits_win), grid_heads, static_cast<unsigned>(p.batch)),
              Cfg::kThreads, smem, stream>>>(p, pl, o_part, ml, bs, sel);
@@ -48,7 +51,7 @@ Status run_decode_fwd(const DecodeParams& p, const DecodePlan& pl, void* workspa
   // 2. block scores + top-n
   {
     auto kernel = dd::decode_select_kernel<dd::kSelectThreads>;
-    const size_t weight_bytes = static_cast<size_t>(pl.splits_cmp) * pl.G * sizeof(float);
+    const size_t weight_bytes = static_cast<size_t>(pl.tiles_cmp) * pl.G * sizeof(float);
     const bool weights_in_smem = weight_bytes <= dd::kSelectMaxWeightBytes;
     const size_t smem = 2 * static_cast<size_t>(pl.G) * sizeof(float) + (weights_in_smem ? weight_bytes : 0);
     Status st = dd::set_smem(kernel, smem);
@@ -61,8 +64,8 @@ Status run_decode_fwd(const DecodeParams& p, const DecodePlan& pl, void* workspa
   // 3. selected-block slices
   {
     auto kernel = dd::decode_attn_kernel<T, kHeadDim, kHeadDimV, true>;
-    const size_t smem = Cfg::smem_bytes(0);
-    Status st = dd::set_smem(kernel, smem);
+    const size_t smem = Cfg::smem_bytes();
+    Status st = dd::set_smem(kernel, smem, /*prefer_shared=*/true);
     if (!st.ok()) return st;
     kernel<<<dim3(static_cast<unsigned>(pl.splits_slc), grid_heads, static_cast<unsigned>(p.batch)), Cfg::kThreads,
              smem, stream>>>(p, pl, o_part, ml, bs, sel);
