@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "decode.h"
 #include "static_switch.h"
@@ -34,6 +35,16 @@ int current_sm_count() {
   return n;
 }
 
+// Positive integer from the environment, or `fallback`. Tuning switches for A/B runs on a GPU
+// (read on every call, so a benchmark can sweep them in one process); the plan stays a function
+// of the shapes and these values only.
+index_t env_knob(const char* name, index_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == 0) return fallback;
+  const long long x = std::atoll(v);
+  return x > 0 ? static_cast<index_t>(x) : fallback;
+}
+
 }  // namespace
 
 DecodePlan decode_plan(const DecodeParams& p, int num_sms) {
@@ -56,7 +67,9 @@ DecodePlan decode_plan(const DecodeParams& p, int num_sms) {
   const index_t kpc = round_up(std::max<index_t>(kMinKeysPerCta, ceil_div(groups * (Sc + win_keys), target)), kTile);
   const index_t kpc_slc = ceil_div(groups * std::min(n_eff * lp, S), target);
 
-  index_t chunk = std::min<index_t>({kpc, kMaxChunk, round_up(std::max<index_t>(Sc, 1), kTile)});
+  // NSA_DECODE_CMP_CHUNK: compressed tokens per split at most (rounded up to a tile).
+  const index_t max_chunk = round_up(env_knob("NSA_DECODE_CMP_CHUNK", kMaxChunk), kTile);
+  index_t chunk = std::min<index_t>({kpc, max_chunk, round_up(std::max<index_t>(Sc, 1), kTile)});
   pl.splits_cmp = static_cast<int>(std::max<index_t>(1, ceil_div(Sc, chunk)));
   pl.chunk_cmp = static_cast<int>(round_up(std::max<index_t>(1, ceil_div(Sc, pl.splits_cmp)), kTile));
 
@@ -64,7 +77,8 @@ DecodePlan decode_plan(const DecodeParams& p, int num_sms) {
   pl.splits_win = static_cast<int>(std::max<index_t>(1, ceil_div(win_keys, cw)));
   pl.chunk_win = static_cast<int>(round_up(std::max<index_t>(1, ceil_div(win_keys, pl.splits_win)), kTile));
 
-  const index_t bpc = std::min<index_t>(std::max<index_t>(1, kpc_slc / lp), n_eff);
+  // NSA_DECODE_SLC_BLOCKS: selected blocks per split at most.
+  const index_t bpc = std::min<index_t>({std::max<index_t>(1, kpc_slc / lp), env_knob("NSA_DECODE_SLC_BLOCKS", n_eff), n_eff});
   pl.splits_slc = static_cast<int>(ceil_div(n_eff, bpc));
   pl.blocks_per_slc = static_cast<int>(ceil_div(n_eff, pl.splits_slc));
   pl.splits = pl.splits_cmp + pl.splits_win + pl.splits_slc;

@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
           const float* bk = bs_g + k * tile_step + (j - (k * kTile) / b_units);
           if (weights_in_smem) {
             const float* wk = sW + k * G;
-#pragma unroll 8
+#pragma unroll 16  // the heads' loads are independent: keep 16 in flight
             for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * ld] * wk[h];
           } else {
             for (int h = 0; h < G; ++h) s += bk[static_cast<index_t>(h) * ld] * weight(k, h);
@@ -676,9 +676,11 @@ template <typename T, int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
     decode_combine_kernel(const DecodeParams p, const DecodePlan pl, const float* o_part, const float* ml) {
   extern __shared__ __align__(16) float s_coef[];  // [splits]: gate * exp(m_k - M) / L of the split's branch
-  __shared__ float s_branch[3][2];
+  constexpr int kW = kBlockThreads / 32;
+  constexpr int kPre = 4;  // partial rows per warp loaded before the coefficients are known
   const int hq = blockIdx.x, b = blockIdx.y;
   const int Dv = p.head_dim_v;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   T* orow = static_cast<T*>(p.o) + b * p.o_batch_stride + static_cast<index_t>(hq) * p.o_head_stride;
   const int len = seq_len_of(p, b);
   if (len <= 0) {  // empty sequence: o = 0 (as the CPU path)
@@ -688,10 +690,23 @@ __global__ void __launch_bounds__(kBlockThreads)
   const float scale_log2 = p.scale * kLog2e;
   const index_t slot0 = (static_cast<index_t>(b) * p.heads_q + hq) * pl.splits;
   const float* mlb = ml + slot0 * 2;
+  const float* ob = o_part + slot0 * Dv;
   const int end_cmp = pl.splits_cmp, end_win = pl.splits_cmp + pl.splits_win;
+
+  // Warp w sums splits w, w + kW, ... over float4 columns. Its first kPre partial rows (of the
+  // first 128 columns) are loaded now, so that their latency overlaps the statistics' below
+  // (one round trip to memory per CTA instead of three).
+  float4 pre[kPre];
+#pragma unroll
+  for (int i = 0; i < kPre; ++i) {
+    const int k = warp + i * kW;
+    pre[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (k < pl.splits && lane * 4 < Dv) pre[i] = *reinterpret_cast<const float4*>(ob + static_cast<index_t>(k) * Dv + lane * 4);
+  }
+
   static_assert(kBlockThreads >= 96, "one warp per branch");
-  if (threadIdx.x < 96) {  // warp 0: compressed, 1: window, 2: selected; lanes over the splits
-    const int br = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp < 3) {  // warp 0: compressed, 1: window, 2: selected; lanes over the branch's splits
+    const int br = warp;
     const int k0 = br == 0 ? 0 : (br == 1 ? end_cmp : end_win);
     const int k1 = br == 0 ? end_cmp : (br == 1 ? end_win : pl.splits);
     float M = -INFINITY;
@@ -704,32 +719,34 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (mlb[2 * k] != -INFINITY) L += mlb[2 * k + 1] * exp2f((mlb[2 * k] - M) * scale_log2);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
-    if (lane == 0) {
-      s_branch[br][0] = M;
-      s_branch[br][1] = L;
+    const index_t go = b * p.g_batch_stride + hq;
+    const T* gp = static_cast<const T*>(br == 0 ? p.g_cmp : (br == 1 ? p.g_win : p.g_slc));
+    const float gate = to_f<T>(gp[go]);
+    for (int k = k0 + lane; k < k1; k += 32) {
+      const float m = mlb[2 * k];
+      s_coef[k] = (L > 0.f && m != -INFINITY) ? gate * exp2f((m - M) * scale_log2) / L : 0.f;
     }
   }
   __syncthreads();
-  const index_t go = b * p.g_batch_stride + hq;
-  const float gate[3] = {to_f<T>(static_cast<const T*>(p.g_cmp)[go]), to_f<T>(static_cast<const T*>(p.g_win)[go]),
-                         to_f<T>(static_cast<const T*>(p.g_slc)[go])};
-  for (int k = threadIdx.x; k < pl.splits; k += kBlockThreads) {
-    const int br = k < end_cmp ? 0 : (k < end_win ? 1 : 2);
-    const float M = s_branch[br][0], L = s_branch[br][1], m = mlb[2 * k];
-    s_coef[k] = (L > 0.f && m != -INFINITY) ? gate[br] * exp2f((m - M) * scale_log2) / L : 0.f;
-  }
-  __syncthreads();
-  // Warp w sums splits w, w + kW, ... over float4 columns (a single serial chain over all the
-  // splits was the kernel's latency at batch 1); the warps' sums are added in warp order, so
-  // every run gives the same bits.
-  constexpr int kW = kBlockThreads / 32;
+  // The warps' sums are added in warp order, so every run gives the same bits.
   float* s_part = s_coef + combine_coef_floats(pl.splits);  // [kW][Dv]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float* ob = o_part + slot0 * Dv;
   for (int c = lane * 4; c < Dv; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    int k = warp;
+    if (c == lane * 4) {  // first 128 columns: the prefetched rows first
+#pragma unroll
+      for (int i = 0; i < kPre; ++i, k += kW) {
+        if (k < pl.splits) {
+          const float cf = s_coef[k];
+          acc.x += cf * pre[i].x;
+          acc.y += cf * pre[i].y;
+          acc.z += cf * pre[i].z;
+          acc.w += cf * pre[i].w;
+        }
+      }
+    }
 #pragma unroll 4
-    for (int k = warp; k < pl.splits; k += kW) {
+    for (; k < pl.splits; k += kW) {
       const float cf = s_coef[k];
       const float4 x = *reinterpret_cast<const float4*>(ob + static_cast<index_t>(k) * Dv + c);
       acc.x += cf * x.x;
