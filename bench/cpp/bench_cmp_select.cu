@@ -171,11 +171,7 @@ void time_one(int T, int G) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> Ts = {8192, 65536};
-  if (argc > 1) {
-    Ts.clear();
-    for (int i = 1; i < argc; ++i) Ts.push_back(std::atoi(argv[i]));
-  }
+  const std::vector<int> Ts = bench::lengths_from_args(argc, argv, {8192, 65536});
   std::printf("device: %s\n", bench::device_name().c_str());
   bool ok = true;
   ok &= check({{1, 37, 300, 5, 129}, 2, 4, 128});

@@ -126,11 +126,7 @@ void time_mode(const Mode& m, int T, double copy_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> Ts = {8192, 65536, 131072};
-  if (argc > 1) {
-    Ts.clear();
-    for (int i = 1; i < argc; ++i) Ts.push_back(std::atoi(argv[i]));
-  }
+  const std::vector<int> Ts = bench::lengths_from_args(argc, argv, {8192, 65536, 131072});
   std::printf("device: %s\n", bench::device_name().c_str());
   const double copy_gbs = bench::copy_bandwidth_gbs();
   std::printf("device copy bandwidth (read+write): %.1f GB/s\n", copy_gbs);

@@ -156,11 +156,7 @@ void time_one(int B, int T) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> Ts = {8192, 65536, 131072};
-  if (argc > 1) {
-    Ts.clear();
-    for (int i = 1; i < argc; ++i) Ts.push_back(std::atoi(argv[i]));
-  }
+  const std::vector<int> Ts = bench::lengths_from_args(argc, argv, {8192, 65536, 131072});
   std::printf("device: %s\n", bench::device_name().c_str());
   bool ok = true;
   // Ragged caches: empty, one token, shorter than l, fewer blocks than n, more (top-n runs).

@@ -176,11 +176,7 @@ void time_one(const Problem& pr, const char* name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int> Ts = {8192, 65536};
-  if (argc > 1) {
-    Ts.clear();
-    for (int i = 1; i < argc; ++i) Ts.push_back(std::atoi(argv[i]));
-  }
+  const std::vector<int> Ts = bench::lengths_from_args(argc, argv, {8192, 65536});
   std::printf("device: %s\n", bench::device_name().c_str());
   bool ok = true;
   const std::vector<int> ragged = {1, 37, 300, 5, 129};

@@ -92,6 +92,14 @@ inline std::vector<float> to_host_float(const __nv_bfloat16* dev, size_t n) {
   return out;
 }
 
+// Sequence lengths from the command line (`bench_x 8192 65536`), or `defaults` without arguments.
+inline std::vector<int> lengths_from_args(int argc, char** argv, std::vector<int> defaults) {
+  if (argc <= 1) return defaults;
+  std::vector<int> out;
+  for (int i = 1; i < argc; ++i) out.push_back(std::atoi(argv[i]));
+  return out;
+}
+
 // Device-to-device copy bandwidth (bytes read + written per second), the memory ceiling.
 inline double copy_bandwidth_gbs(size_t bytes = size_t(1) << 30) {
   void *a, *b;
