@@ -10,7 +10,8 @@ prompts is prefilled into an :class:`nsa_cuda.cache.NSACache` (one ``NativeSpars
 call per layer on the right-padded prompts, which also fills the cache and its compressed
 tokens), then every step feeds each sequence's last token through the layers, which append it
 to the cache and run :func:`nsa_cuda.decode`; the model commits the step with
-``cache.advance()``. With ``--check`` the same tokens are generated again by recomputing the
+``cache.advance()``. (``examples/recall_generate.py`` does the same with the model that
+``examples/train_recall.py`` trains, on a task whose answers can be scored.) With ``--check`` the same tokens are generated again by recomputing the
 whole sequence every step (no cache), and the two must agree.
 """
 from __future__ import annotations

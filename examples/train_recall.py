@@ -5,6 +5,8 @@ model with full causal attention.
     python examples/train_recall.py --device cuda                      # GPU preset: 4k-token contexts
     python examples/train_recall.py --device cuda --attention full     # the baseline only
     python examples/train_recall.py --device cuda --steps 4000 --seq-len 8192 --out /tmp/recall
+    python examples/train_recall.py --device cuda --attention nsa --save-model /tmp/recall.pt  # then:
+    python examples/recall_generate.py /tmp/recall.pt                  # answers by generation (KV cache)
 
 The task (multi-query associative recall in a haystack): every sequence holds ``--num-pairs``
 (key, value) token pairs, written as two adjacent tokens at random places of a context of
@@ -58,7 +60,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -221,6 +223,7 @@ class RunResult:
     train_s: float = 0.0
     step_target: Optional[int] = None  # first logged step with held-out accuracy >= target
     time_target_s: Optional[float] = None
+    model: Optional[torch.nn.Module] = None  # the trained model (for --save-model)
 
     @property
     def final(self) -> dict:
@@ -343,6 +346,7 @@ def train_one(attention: str, a, task: RecallTask, eval_set, log=print) -> RunRe
     res.steps = step
     res.wall_s = time.perf_counter() - t0
     res.train_s = res.wall_s - eval_s
+    res.model = model.eval()
     return res
 
 
@@ -519,6 +523,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(DEFAULT_OUT), help="directory for the report, CSV and plot")
     p.add_argument("--target-acc", type=float, default=0.9, help="report the first step reaching this accuracy")
     p.add_argument("--no-files", action="store_true", help="write nothing under --out")
+    p.add_argument("--save-model", default=None, metavar="PATH",
+                   help="save the trained NSA model (config, task, weights) for examples/recall_generate.py")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="stop each attention's training after this many seconds (0: run all steps)")
     for k, v in PRESETS["gpu"].items():
@@ -550,6 +556,17 @@ def parse_args(argv=None):
     return a
 
 
+def save_model(model: TinyLM, task: RecallTask, a, path: str) -> Path:
+    """The trained model as examples/recall_generate.py loads it: TinyLM config, task, weights
+    (fp32, on the CPU) and the held-out seed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"kind": "nsa_cuda-train_recall", "model_config": asdict(model.cfg), "task": asdict(task),
+                "eval_seed": a.seed + 1_000_003,
+                "state_dict": {k: v.detach().float().cpu() for k, v in model.state_dict().items()}}, path)
+    return path
+
+
 def main(argv=None) -> dict:
     """Runs the example; returns ``{"args", "task", "results": {attention: RunResult}, "files"}``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -570,6 +587,8 @@ def main(argv=None) -> dict:
     print("\n== summary ==")
     print(format_text(summary_table(results, a, task)))
     files = {} if a.no_files else write_outputs(results, a, task, argv)
+    if a.save_model and results.get("nsa") is not None and results["nsa"].model is not None:
+        files["model"] = save_model(results["nsa"].model, task, a, a.save_model)
     for k, path in files.items():
         print(f"wrote {path}")
     if all(not r.history for r in results.values()):

@@ -169,3 +169,42 @@ def test_tiny_lm_default_is_nsa():
     assert m.cfg.attention == "nsa" and isinstance(m.blocks[0].attn, NativeSparseAttention)
     with pytest.raises(ValueError, match="attention"):
         TinyLM(attention="linear")
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/recall_generate.py: the trained model answering by generation through the cache
+
+
+def test_recall_generate_with_saved_model(tmp_path):
+    import recall_generate
+
+    path = tmp_path / "recall.pt"
+    out = train_recall.main(SMOKE + ["--attention", "nsa", "--steps", "20", "--eval-size", "16", "--no-files",
+                                     "--save-model", str(path)])
+    assert out["files"]["model"] == path and path.exists()
+    res = recall_generate.main([str(path), "--device", "cpu", "--num-seqs", "6", "--check"])
+    task = out["task"]
+    assert res["answers"].shape == res["values"].shape == (6, task.num_queries)
+    assert res["agreement"] == 1.0, "cached generation must give the tokens of full recomputation"
+    assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["forced_accuracy"] <= 1.0
+    # the scored values are the context's: each queried key once, its value right after it
+    ctx, keys, vals = recall_generate.recall_sequences(task, 6, train_recall.parse_args(SMOKE).seed + 1_000_003)
+    assert torch.equal(vals, res["values"])
+    for b in range(6):
+        row = ctx[b].tolist()
+        assert len(set(keys[b].tolist())) == task.num_queries
+        for k, v in zip(keys[b].tolist(), vals[b].tolist()):
+            assert row[row.index(k) + 1] == v
+    # the model itself, reloaded, gives the trained model's logits
+    model, _, _ = recall_generate.load(str(path), "cpu")
+    ids = torch.cat([ctx, keys[:, :1]], 1)
+    torch.testing.assert_close(model(ids), out["results"]["nsa"].model(ids))
+
+
+def test_recall_generate_rejects_other_files(tmp_path):
+    import recall_generate
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(SystemExit, match="not a model saved"):
+        recall_generate.main([str(bad), "--device", "cpu"])
