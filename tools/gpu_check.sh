@@ -8,6 +8,7 @@
 # --sanitize  also run compute-sanitizer memcheck/racecheck/synccheck on small cases
 # --no-bench  skip the benchmarks; --bench NAME runs only bench_NAME* (C++ and Python)
 # --long      also run the 1M-token tests (NSA_LONG_TESTS=1; minutes, ~90 GB of GPU memory)
+# On sm_90 cards it also builds and runs tools/probes/*.cu (instruction-convention probes).
 # The GPU machine has no package registry: carry the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +70,21 @@ $PY -X faulthandler -m pytest -q -p no:cacheprovider -rfE tests ${TEST_EXPR:+-k 
 rc=$?
 summary "tests: rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
 [ $rc = 0 ] || { grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; grep -A25 "Fatal Python error" "$OUT/tests.log" | head -40; }
+
+# ---- probes of instruction conventions (tools/probes/*.cu: standalone, print PASS / FAIL) ----
+if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | grep -q '^9\.0'; then
+  for f in tools/probes/*.cu; do
+    [ -e "$f" ] || continue
+    exe=/tmp/$(basename "$f" .cu)
+    if "$CUDA_HOME/bin/nvcc" -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a "$f" -o "$exe" >> "$OUT/build.log" 2>&1; then
+      "$exe" > /tmp/probe_one.log 2>&1; prc=$?
+      cat /tmp/probe_one.log >> "$OUT/tests.log"
+      summary "probe $(basename "$f"): rc=$prc $(grep -c PASS /tmp/probe_one.log) PASS, $(grep -c FAIL /tmp/probe_one.log) FAIL"
+    else
+      summary "probe $(basename "$f"): BUILD FAILED (see build.log)"
+    fi
+  done
+fi
 
 # ---- C++ benchmarks (CMake, torch-free kernel library) ----
 if [ $BENCH = 1 ]; then
