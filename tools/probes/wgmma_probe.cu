@@ -77,6 +77,21 @@ __device__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// m64nN fp32 accumulators -> row-major [64][N]: warp w holds rows 16w + g and 16w + g + 8,
+// n8 block j the columns 8j + 2t, 8j + 2t + 1 (g = lane / 4, t = lane % 4).
+template <int kRegs>
+__device__ void store_acc(const float (&d)[kRegs], float* out, int tid) {
+  constexpr int N = kRegs * 2;
+  const int w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  for (int j = 0; j < N / 8; ++j) {
+    const int r0 = 16 * w + g, c0 = 8 * j + 2 * t;
+    out[r0 * N + c0] = d[4 * j + 0];
+    out[r0 * N + c0 + 1] = d[4 * j + 1];
+    out[(r0 + 8) * N + c0] = d[4 * j + 2];
+    out[(r0 + 8) * N + c0 + 1] = d[4 * j + 3];
+  }
+}
+
 __global__ void __launch_bounds__(128) probe_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                     const __nv_bfloat16* v, float* s_out, float* o_out) {
   extern __shared__ unsigned char smem_raw[];
@@ -115,15 +130,7 @@ __global__ void __launch_bounds__(128) probe_kernel(const __nv_bfloat16* q, cons
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 
-  // accumulator layout: warp w rows 16w + g (+8), n8 block j columns 8j + 2t (+1)
-  const int w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  for (int j = 0; j < kN / 8; ++j) {
-    const int r0 = 16 * w + g, c0 = 8 * j + 2 * t;
-    s_out[r0 * kN + c0] = s[4 * j + 0];
-    s_out[r0 * kN + c0 + 1] = s[4 * j + 1];
-    s_out[(r0 + 8) * kN + c0] = s[4 * j + 2];
-    s_out[(r0 + 8) * kN + c0 + 1] = s[4 * j + 3];
-  }
+  store_acc(s, s_out, tid);
 
   float o[64];
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
@@ -139,13 +146,7 @@ __global__ void __launch_bounds__(128) probe_kernel(const __nv_bfloat16* q, cons
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  for (int j = 0; j < kD / 8; ++j) {
-    const int r0 = 16 * w + g, c0 = 8 * j + 2 * t;
-    o_out[r0 * kD + c0] = o[4 * j + 0];
-    o_out[r0 * kD + c0 + 1] = o[4 * j + 1];
-    o_out[(r0 + 8) * kD + c0] = o[4 * j + 2];
-    o_out[(r0 + 8) * kD + c0 + 1] = o[4 * j + 3];
-  }
+  store_acc(o, o_out, tid);
 }
 
 int main() {
