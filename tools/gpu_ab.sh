@@ -6,6 +6,9 @@
 # Locally:   git archive main -o .snap/a.tar && git archive wip/branch -o .snap/b.tar
 # On the GPU (carry [".whl", ".snap"]):
 #   bash tools/gpu_ab.sh .snap/a.tar .snap/b.tar "select or cmp" "bench/bench_cmp_select.py"
+# BENCH may hold several scripts with their arguments, separated by ';' (each run as python3 ...):
+#   "bench/bench_decode.py;tools/ab_sel_fwd_width.py;tools/profile_nsa.py --T 65536"
+# (a script path, not "python3 script").
 set -uo pipefail
 A=$(realpath "$1"); B=$(realpath "$2"); EXPR=${3:-}; BENCH=${4:-}
 OUT=${OUT:-$PWD/gpu_out}
@@ -30,9 +33,15 @@ for side in a b; do
       python3 -m pytest -q -p no:cacheprovider tests -k "$EXPR" > "$OUT/$side/tests.log" 2>&1
       echo "$side: tests rc=$? $(tail -1 "$OUT/$side/tests.log")"
     fi
-    if [ -n "$BENCH" ]; then
-      OUT=$OUT/$side python3 $BENCH > "$OUT/$side/bench.log" 2>&1
-      echo "$side: bench rc=$?"; grep -E "^\|" "$OUT/$side/bench.log" | tail -20
+    if [ -n "$BENCH" ]; then  # several scripts: separated by ';', each run as python3 <script args>
+      : > "$OUT/$side/bench.log"
+      IFS=';' read -ra cmds <<< "$BENCH"
+      for cmd in "${cmds[@]}"; do
+        echo "==== $cmd" >> "$OUT/$side/bench.log"
+        OUT=$OUT/$side python3 $cmd >> "$OUT/$side/bench.log" 2>&1
+        echo "$side: $cmd rc=$?"
+      done
+      grep -E "^\||^G=|per step|^ *[0-9.]+ ms" "$OUT/$side/bench.log" | tail -40
     fi
   )
 done
