@@ -199,6 +199,11 @@ class RecallTask:
         return ids, qv, first
 
 
+def eval_seed(seed: int) -> int:
+    """Seed of the held-out sequences (disjoint from the training batches' generator)."""
+    return seed + 1_000_003
+
+
 def query_logits(model: TinyLM, ids: torch.Tensor, task: RecallTask) -> torch.Tensor:
     """Logits at the query keys, fp32 ``[B, total_queries, vocab]``."""
     return model(ids)[:, task.ctx_len::2].float()
@@ -355,7 +360,7 @@ def run(a, log=print) -> Dict[str, RunResult]:
     task = RecallTask(a.seq_len, a.num_pairs, a.num_queries, a.key_vocab, a.value_vocab, a.noise_vocab,
                       a.repeat_queries)
     task.validate()
-    eval_gen = torch.Generator().manual_seed(a.seed + 1_000_003)
+    eval_gen = torch.Generator().manual_seed(eval_seed(a.seed))
     eval_set = [task.batch(min(a.batch, a.eval_size - i), eval_gen) for i in range(0, a.eval_size, a.batch)]
     order = ["nsa", "full"] if a.attention == "both" else [a.attention]
     results: Dict[str, RunResult] = {}
@@ -562,7 +567,7 @@ def save_model(model: TinyLM, task: RecallTask, a, path: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"kind": "nsa_cuda-train_recall", "model_config": asdict(model.cfg), "task": asdict(task),
-                "eval_seed": a.seed + 1_000_003,
+                "eval_seed": eval_seed(a.seed),
                 "state_dict": {k: v.detach().float().cpu() for k, v in model.state_dict().items()}}, path)
     return path
 
