@@ -105,6 +105,7 @@ def write_table(name: str, header: List[str], rows: List[List[object]], notes: D
     path = RESULTS / f"{date}_{name}_{slug}.md"
     path.write_text(text)
     if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], path.name).write_text(text)
     print(text)
     return path

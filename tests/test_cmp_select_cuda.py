@@ -6,7 +6,7 @@ import torch
 import nsa_cuda
 from nsa_cuda import reference as R
 from helpers import assert_fa_close, poison_cuda_cache, requires_cuda
-from test_sparse_attn_cuda import HEAD_DIMS, attention_lowp, cu_of, sequences
+from test_sparse_attn_cuda import HEAD_DIMS, attention_lowp, cu_of, run_case, sequences
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
@@ -172,3 +172,19 @@ def test_nsa_training_step_on_cuda():
     for name, a, r in zip(("q", "k", "v", "g_cmp", "g_slc", "g_win", "w_k"), g, g_ref):
         rel = (a.float() - r).norm() / r.norm().clamp_min(1e-6)
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
+
+
+@pytest.mark.parametrize("kernel", ["default", "sm80"])
+@pytest.mark.parametrize("G", [1, 16])
+def test_range_forward_many_tiles(kernel, G, monkeypatch):
+    """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
+    across tiles and pads odd tile counts with a masked tile): T = 5000 gives 311 compressed keys
+    (5 tiles of 64) and windows of 512 keys; packed and padded. `sm80` forces the mma.sync kernel
+    (NSA_DISABLE_WGMMA), so on an H100 both paths are checked."""
+    if kernel == "sm80":
+        monkeypatch.setenv("NSA_DISABLE_WGMMA", "1")
+    check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
+    cu = cu_of([4100, 1, 900])
+    check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)
+    run_case("win", (1, 3000), 1, G, 128, 128, torch.bfloat16, window=512)
+    run_case("win", (int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu, window=200)

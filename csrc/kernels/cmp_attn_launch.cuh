@@ -3,12 +3,13 @@
 #pragma once
 
 #include "cmp_attn_bwd_kernel.cuh"
+#include "range_attn_fwd_sm90.cuh"
 
 namespace nsa {
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_cmp_attn_fwd(const AttnParams& p, cudaStream_t stream) {
-  return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/true>(p, stream);
+  return sparse_detail::run_range_attn_fwd_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/true>(p, stream);
 }
 
 template <typename T, int kHeadDim, int kHeadDimV>

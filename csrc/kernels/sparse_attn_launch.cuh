@@ -2,7 +2,7 @@
 // instantiation files only.
 #pragma once
 
-#include "range_attn_fwd_kernel.cuh"
+#include "range_attn_fwd_sm90.cuh"
 #include "sparse_attn_fwd_kernel.cuh"
 
 #include <cstdlib>
@@ -43,7 +43,7 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.mode == AttnMode::kCompressed) return Status{2, "the sparse kernel runs the selected and window branches"};
   // The window's keys are one contiguous range per token: the CTA-shared range kernel.
   if (p.mode == AttnMode::kWindow)
-    return sparse_detail::run_range_attn_fwd<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
+    return sparse_detail::run_range_attn_fwd_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
   const char* warps = getenv("NSA_SEL_FWD_WARPS");  // A/B switch while measuring: 1 (G >= 16), 2, 4
   const int w = warps != nullptr ? atoi(warps) : 4;

@@ -1,0 +1,359 @@
+// sm_90a forward of the contiguous-key-range branches (compressed: keys [0, nvis(t)); window:
+// keys [t - w + 1, t]) on warpgroup MMAs. Same CTA as the sm_80 kernel (range_attn_fwd_kernel.cuh):
+// 4 warps own consecutive tokens of one KV head, 16 query rows each, so the CTA's 64 rows are
+// exactly one m64 wgmma tile and the grid, passes, masks and epilogue are the sm_80 kernel's.
+// What changes is the product: per 64-key tile one warpgroup issues S = Q K^T (both operands
+// K-major in 128-byte-swizzled shared memory) and O += P V (P from the S accumulators in
+// registers, V MN-major), instead of per-warp m16n8k16 products fed by ldmatrix. The whole
+// warpgroup multiplies every tile of the CTA's key range (a wgmma is warpgroup-wide): the
+// warps' ranges differ by at most the tokens of one CTA.
+//
+// Shared memory: Q (64 x Dk) + two stages of K (64 x Dk) and V (64 x Dv), all swizzled, filled
+// by cp.async: 80 KiB at D = 128, two CTAs per SM; the second CTA's MMAs run while the first
+// one does its softmax.
+#pragma once
+
+#include "range_attn_fwd_kernel.cuh"
+#include "wgmma_sm90.cuh"
+
+#include <cstdlib>
+
+namespace nsa {
+namespace sparse_detail {
+
+template <int kHeadDim, int kHeadDimV, int kWarpGroups>
+struct RangeFwdSm90Config {
+  static constexpr int kWarps = 4 * kWarpGroups;  // a warpgroup = the sm_80 kernel's 4 warps
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsCta = kWarps * kRows;  // 64 per warpgroup: the wgmma M
+  static constexpr int kTileN = 64;                // keys per tile (the S wgmma's N)
+  static constexpr int kStages = 4;                // K/V tiles in flight (see the step's comment)
+  static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
+  static constexpr int kKBytes = kTileN * kHeadDim * 2;
+  static constexpr int kVBytes = kTileN * kHeadDimV * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;  // + 1024-byte alignment
+  static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= 128, "wgmma path: D in {64, 128, 192}, Dv in {64, 128}");
+};
+
+// Key offset x - s0 clamped to [-1, kTileN + 1], so that in-tile compares are 32-bit.
+template <int kTileN>
+__device__ __forceinline__ int tile_offset_n(index_t x, index_t s0) {
+  const index_t r = x - s0;
+  return r < -1 ? -1 : (r > kTileN + 1 ? kTileN + 1 : static_cast<int>(r));
+}
+
+// cp.async of rows [s0, s0 + kTileRows) of a [rows, kDim] tensor (row stride in elements) into a
+// 128-byte-swizzled tile, K-major (wgmma::k_major_offset) or MN-major (mn_major_offset); rows
+// outside [0, n_rows) are zero-filled without being read. Where the CTA's threads tile the rows
+// evenly, each thread owns one 16-byte column chunk and every kStep-th row, so the addresses
+// are computed once per pass and a tile costs kPasses cp.async per thread; otherwise (Dk = 192)
+// the plain strided loop.
+template <typename T, int kDim, int kTileRows, int kThreads, bool kMnMajor>
+struct SwizzledRowLoader {
+  static constexpr int kVec = kDim / 8;
+  static constexpr bool kEven = kThreads % kVec == 0 && (kThreads / kVec) % 8 == 0 && kTileRows % (kThreads / kVec) == 0;
+  static constexpr int kStep = kEven ? kThreads / kVec : 8;  // rows between a thread's chunks
+  static constexpr int kPasses = kTileRows / kStep;
+  // smem bytes between a thread's chunks: kStep rows, a multiple of the 8-row swizzle period
+  static constexpr uint32_t kOffStep = kMnMajor ? (kDim / 64) * (kStep / 8) * 1024 : kStep * 128;
+  const T* base;
+  index_t row_stride, row_begin;
+  int r0, c;
+  uint32_t off0;
+
+  __device__ __forceinline__ SwizzledRowLoader(const T* base_, index_t row_stride_, index_t row_begin_, int tid)
+      : base(base_), row_stride(row_stride_), row_begin(row_begin_) {
+    r0 = tid / kVec;
+    c = tid % kVec;
+    off0 = kMnMajor ? wgmma::mn_major_offset<kDim>(r0, c) : wgmma::k_major_offset(r0, c, kTileRows);
+  }
+  __device__ __forceinline__ void load(unsigned char* dst, index_t s0, index_t n_rows, const T* valid, int tid) const {
+    if constexpr (kEven) {
+      const T* src = base + (row_begin + s0 + r0) * row_stride + c * 8;
+      const index_t step = kStep * row_stride;
+#pragma unroll
+      for (int j = 0; j < kPasses; ++j) {
+        const index_t s = s0 + r0 + j * kStep;
+        const bool on = s >= 0 && s < n_rows;
+        mma::cp_async_16(dst + off0 + j * kOffStep, on ? src + j * step : valid, on);
+      }
+    } else {
+      for (int i = tid; i < kTileRows * kVec; i += kThreads) {
+        const int r = i / kVec, cc = i % kVec;
+        const index_t s = s0 + r;
+        const bool on = s >= 0 && s < n_rows;
+        const uint32_t off = kMnMajor ? wgmma::mn_major_offset<kDim>(r, cc) : wgmma::k_major_offset(r, cc, kTileRows);
+        mma::cp_async_16(dst + off, on ? base + (row_begin + s) * row_stride + cc * 8 : valid, on);
+      }
+    }
+  }
+};
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
+__global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kernel(const AttnParams p) {
+#ifdef NSA_WGMMA
+  using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
+  constexpr int kTileN = Cfg::kTileN;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sStage = smem + Cfg::kQBytes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t stage_addr = q_base + Cfg::kQBytes;
+  const uint32_t q_addr = q_base + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each column atom
+  const int gid = lane >> 2, tig = lane & 3;
+
+  const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const float scale_log2 = p.scale * kLog2e;
+  const bool packed = p.cu_seqlens != nullptr;
+
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const Pass wps = warp_pass(ps, warp, P);
+    const RangeKeys<kCompressed> rk(p, ps);
+    const index_t kv_row_begin = rk.kv_row_begin, n_keys = rk.n_keys;
+    index_t lo, hi;
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    // Steps come in pairs (the S buffers alternate); an odd count gets one more tile, past every
+    // row's keys: fully masked, it changes nothing (its rows are zero-filled or real keys).
+    const int n_steps = (n_tiles + 1) & ~1;
+
+    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
+    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
+    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
+
+    // Query rows: CTA row 16w + r is row r of warp w's pass (token slot r / heads, head r % heads).
+    {
+      constexpr int kVec = kHeadDim / 8;
+      for (int i = tid; i < Cfg::kRowsCta * kVec; i += Cfg::kThreads) {
+        const int row = i / kVec, c = i % kVec, w = row / kRows, r = row % kRows;
+        const Pass ws = warp_pass(ps, w, P);
+        const int tok = r / rm.heads, hh = r % rm.heads;
+        const bool on = tok >= ws.p_begin && tok < ws.p_end && r < rm.tokens * rm.heads;
+        const T* src = on ? q + (ws.row_begin + ws.t0 + tok) * p.q_stride.row + static_cast<index_t>(rm.head0 + hh) * p.q_stride.head + c * 8
+                          : q;
+        mma::cp_async_16(sQ + wgmma::k_major_offset(row, c, Cfg::kRowsCta), src, on);
+      }
+    }
+    const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
+    const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/true> v_loader(v, p.v_stride.row, kv_row_begin, tid);
+    auto load_tile = [&](int it) {  // tile it -> stage it % kStages
+      unsigned char* sK = sStage + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      k_loader.load(sK, s0, n_keys, k, tid);
+      v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+    };
+    if (n_steps > 0) load_tile(0);
+    mma::cp_async_commit();  // group: query rows + tile 0
+    if (n_steps > 1) load_tile(1);
+    mma::cp_async_commit();  // group: tile 1
+    if (n_steps > 2) load_tile(2);
+    mma::cp_async_commit();  // group: tile 2
+
+    int row_tok[2];
+    bool row_on[2];
+    index_t row_lo[2], row_hi[2];  // keys [row_lo, row_hi) of the row's token
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + ri * 8;
+      row_tok[ri] = r / rm.heads;
+      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
+      rk.row_keys(p, wps.t0 + row_tok[ri], row_on[ri], row_lo[ri], row_hi[ri]);
+    }
+    // Keys every token of the pass attends: [keys_lo_max, keys_hi_min) (both ends monotone in t).
+    index_t keys_lo_max, keys_hi_min, unused;
+    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
+    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o_acc[kHeadDimV / 8][4];
+#pragma unroll
+    for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
+
+    // S = Q K^T of tile it (64 x kTileN per warpgroup), issued and committed, not waited for.
+    auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
+      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t off_q = (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32;  // rows of all warpgroups per atom
+        const uint32_t off_k = (kk / 4) * kTileN * 128 + (kk % 4) * 32;
+        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + off_q, 16, 1024),
+                                    wgmma::make_desc(k_addr + off_k, 16, 1024), kk > 0);
+      }
+      wgmma::commit();
+    };
+
+    // Online softmax of tile it in s (the sm_80 fwd_tile's arithmetic on kTileN / 8 column blocks):
+    // s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be rescaled by.
+    auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      // Most tiles lie inside every token's key range: no masks. The test is the same for the
+      // whole CTA (a branch that diverged inside the warpgroup would serialize the wgmmas).
+      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        if (!whole) {
+          const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
+#pragma unroll
+          for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kk = n * 8 + 2 * tig + e;
+              float& x = s[4 * n + 2 * ri + e];
+              x = kk >= klo && kk < khi ? x : -INFINITY;
+            }
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[ri], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all keys so far masked: no inf - inf
+        alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
+        m_run[ri] = m_new;
+        const float m_scaled = m_use * scale_log2;
+        float rs = 0.f;
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[4 * n + 2 * ri + e];
+            x = exp2f(fmaf(x, scale_log2, -m_scaled));
+            rs += x;
+          }
+        l_run[ri] = l_run[ri] * alpha[ri] + rs;
+      }
+    };
+    auto rescale_o = [&](const float(&alpha)[2]) {
+#pragma unroll
+      for (int n = 0; n < kHeadDimV / 8; ++n) {
+        o_acc[n][0] *= alpha[0];
+        o_acc[n][1] *= alpha[0];
+        o_acc[n][2] *= alpha[1];
+        o_acc[n][3] *= alpha[1];
+      }
+    };
+
+    // Step it: P of tile it is in p_cur (softmax done, O rescaled). The tensor cores run S of tile
+    // it + 1 and then O += P V of tile it; the softmax of tile it + 1 overlaps the latter.
+    // Everything is waited for before the step ends (a wgmma still in flight across steps makes
+    // ptxas serialize them), and every wgmma sits outside branches: on the last step S multiplies
+    // a stale stage into p_nxt and the softmax masks all of it (no key of any row lies there).
+    // Stages: tile it + 3 goes into the stage of tile it - 1, released by this step's barrier.
+    auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
+      mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      if (it + 3 < n_steps) load_tile(it + 3);
+      mma::cp_async_commit();
+      // P's k16 slice kk is the C tiles 2kk, 2kk + 1 (keys 16kk .. 16kk + 15).
+      uint32_t pa[kTileN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        pa[kk][0] = mma::pack2<T>(p_cur[8 * kk + 0], p_cur[8 * kk + 1]);
+        pa[kk][1] = mma::pack2<T>(p_cur[8 * kk + 2], p_cur[8 * kk + 3]);
+        pa[kk][2] = mma::pack2<T>(p_cur[8 * kk + 4], p_cur[8 * kk + 5]);
+        pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
+      }
+      issue_s(it + 1, s_nxt);
+      constexpr uint32_t kSboV = (kHeadDimV / 64) * 1024;
+      const uint32_t v_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes + Cfg::kKBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk)
+        wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * kSboV, 1024, kSboV));
+      wgmma::commit();
+      wgmma::wait<1>();  // S (it + 1)
+      wgmma::fence_operands(s_nxt);
+      float alpha[2];
+      softmax(it + 1, s_nxt, alpha);
+      wgmma::wait<0>();  // P V (it)
+      wgmma::fence_operands(o_flat);
+      rescale_o(alpha);
+    };
+
+    float s_a[kTileN / 2], s_b[kTileN / 2];
+    if (n_steps > 0) {
+      mma::cp_async_wait<2>();  // query rows + tile 0
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      issue_s(0, s_a);
+      wgmma::wait<0>();
+      wgmma::fence_operands(s_a);
+      float alpha[2];
+      softmax(0, s_a, alpha);  // O is still zero: no rescale
+    }
+    for (int it = 0; it < n_steps; it += 2) {  // two steps per trip: the S buffers swap roles
+      step(it, s_a, s_b);
+      step(it + 1, s_b, s_a);
+    }
+    wgmma::wait<0>();
+    wgmma::fence_operands(o_flat);
+    mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
+
+    fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
+    __syncthreads();  // sQ and the stages are reused by the next pass
+  }
+#endif
+}
+
+// Whether the sm_90a kernels can run on the current device: the image loaded for it is sm_90
+// (a build without 90a in NSA_CUDA_ARCHS, or an older card, gets the sm_80 kernels), and
+// NSA_DISABLE_WGMMA is unset (read per launch, so one process can time both paths).
+template <class Kernel>
+bool wgmma_kernel_usable(Kernel kernel) {
+  const char* off = getenv("NSA_DISABLE_WGMMA");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  static int cached[64];  // per device: 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    cudaFuncAttributes attr{};
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90;
+    cached[dev] = ok ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
+Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
+  const int G = p.heads_q / p.heads_kv;
+  const int tokens = (G >= kRows ? 1 : kRows / G) * Cfg::kWarps;
+  const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
+  const index_t items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
+                                     : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+  if (items == 0) return Status{};
+  const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
+  if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
+  if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  auto kernel = range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+// The range forward: the wgmma kernel where it runs and covers the head dims, else sm_80's.
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+Status run_range_attn_fwd_best(const AttnParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= 128) {
+    if (p.heads_kv > 0 && p.heads_q % p.heads_kv == 0 &&
+        wgmma_kernel_usable(range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, 2>))
+      return run_range_attn_fwd_sm90<T, kHeadDim, kHeadDimV, kCompressed, 2>(p, stream);
+  }
+  return run_range_attn_fwd<T, kHeadDim, kHeadDimV, kCompressed>(p, stream);
+}
+
+}  // namespace sparse_detail
+}  // namespace nsa
