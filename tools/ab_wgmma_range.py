@@ -2,7 +2,8 @@
 kernel (NSA_DISABLE_WGMMA=1) and the wgmma kernel (the launcher reads the variable per launch,
 so one process times both), headline
 D = 128 with G = 16, 4 and 1, T = 16k and 64k. Prints ms, TFLOP/s on the attended pairs, the
-speedup over sm_80 and the max difference from the sm_80 output.
+speedup over sm_80 and the max difference from the sm_80 output; then forward + backward (the dQ
+kernel switches with the forward) with the dq difference.
 
     python tools/ab_wgmma_range.py      # on an sm_90 GPU, from the repository root
 """
@@ -32,14 +33,27 @@ def main() -> None:
             k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
             kc, vc = nsa_cuda.compress(k), nsa_cuda.compress(v)
-            cases = (("cmp", lambda: nsa_cuda.compressed_attention(q, kc, vc), visible_pairs(T)),
-                     ("win", lambda: nsa_cuda.window_attention(q, k, v, window=W), window_pairs(T)))
-            for name, f, pairs in cases:
+            qg, kcg, vcg, kg, vg = (t.detach().requires_grad_(True) for t in (q, kc, vc, k, v))
+            dout = torch.randn_like(q)
+
+            def cmp_fb():
+                o = nsa_cuda.compressed_attention(qg, kcg, vcg)[0]
+                return torch.autograd.grad(o, (qg, kcg, vcg), dout)[0], o
+
+            def win_fb():
+                o = nsa_cuda.window_attention(qg, kg, vg, window=W)[0]
+                return torch.autograd.grad(o, (qg, kg, vg), dout)[0], o
+
+            cases = (("cmp", lambda: nsa_cuda.compressed_attention(q, kc, vc), visible_pairs(T), 1),
+                     ("win", lambda: nsa_cuda.window_attention(q, k, v, window=W), window_pairs(T), 1),
+                     ("cmp fwd+bwd (diff: dq)", cmp_fb, visible_pairs(T), 3.5),
+                     ("win fwd+bwd (diff: dq)", win_fb, window_pairs(T), 3.5))
+            for name, f, pairs, flop_mult in cases:
                 res = {}
                 for label, off in (("sm80", "1"), ("wgmma", "0")):
                     os.environ["NSA_DISABLE_WGMMA"] = off
                     res[label] = (common.median_ms(f, 3, 10), f())
-                flops = 2.0 * pairs * HQ * 2 * D
+                flops = 2.0 * pairs * HQ * 2 * D * flop_mult  # fwd+bwd: 2.5x the forward's products more
                 base = res["sm80"]
                 line = f"{name} G={HQ // H} T={T}:"
                 for label, (ms, out) in res.items():

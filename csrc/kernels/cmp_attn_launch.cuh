@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cmp_attn_bwd_kernel.cuh"
+#include "range_attn_bwd_dq_sm90.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
 namespace nsa {
@@ -23,8 +24,8 @@ Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (dq_ctas == 0) return Status{};
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks"};
   // dQ: one CTA per group of consecutive tokens (attn_bwd_dq.cuh).
-  const Status st = sparse_detail::launch_dq(sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads,
-                                             Cfg::kRangeSmemBytes, dq_ctas, p, stream);
+  const Status st = sparse_detail::launch_range_dq_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/true>(
+      sparse_detail::cmp_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads, Cfg::kRangeSmemBytes, dq_ctas, p, stream);
   if (!st.ok()) return st;
   cudaError_t e;
   // dK/dV: split the key tiles' query rows only when the caller gave the workspace

@@ -1,16 +1,22 @@
 // sm_90a forward of the contiguous-key-range branches (compressed: keys [0, nvis(t)); window:
-// keys [t - w + 1, t]) on warpgroup MMAs. Same CTA as the sm_80 kernel (range_attn_fwd_kernel.cuh):
-// 4 warps own consecutive tokens of one KV head, 16 query rows each, so the CTA's 64 rows are
-// exactly one m64 wgmma tile and the grid, passes, masks and epilogue are the sm_80 kernel's.
-// What changes is the product: per 64-key tile one warpgroup issues S = Q K^T (both operands
-// K-major in 128-byte-swizzled shared memory) and O += P V (P from the S accumulators in
-// registers, V MN-major), instead of per-warp m16n8k16 products fed by ldmatrix. The whole
-// warpgroup multiplies every tile of the CTA's key range (a wgmma is warpgroup-wide): the
-// warps' ranges differ by at most the tokens of one CTA.
+// keys [t - w + 1, t]) on warpgroup MMAs. The sm_80 kernel's row layout
+// (range_attn_fwd_kernel.cuh): warps own consecutive tokens of one KV head, 16 query rows each,
+// so 4 warps are exactly one m64 wgmma tile and the passes, masks and epilogue are the sm_80
+// kernel's. Per 64-key tile each warpgroup issues S = Q K^T (both operands K-major in
+// 128-byte-swizzled shared memory) and O += P V (P from the S accumulators in registers, V
+// MN-major), instead of per-warp m16n8k16 products fed by ldmatrix. A warpgroup multiplies every
+// tile of the CTA's key range (a wgmma is warpgroup-wide): its warps' ranges differ by at most
+// the tokens of one CTA.
 //
-// Shared memory: Q (64 x Dk) + two stages of K (64 x Dk) and V (64 x Dv), all swizzled, filled
-// by cp.async: 80 KiB at D = 128, two CTAs per SM; the second CTA's MMAs run while the first
-// one does its softmax.
+// Measured on the H200 (bench/NOTES.md, session 9): the first version (one warpgroup, two
+// stages, each wgmma waited for at once) gained only 1.2x over sm_80; ncu showed it bound by
+// instruction issue, not by L2. What paid: two warpgroups (128 rows) per CTA sharing every K/V
+// tile, per-thread cp.async addresses computed once per pass (the strided loop cost ~600
+// instructions per tile), masks only on partial tiles, and the step pipeline below (S of the
+// next tile and P V of this one in flight during the softmax): 1.9x at 64k.
+//
+// Shared memory: Q (128 x Dk) + four stages of K (64 x Dk) and V (64 x Dv), all swizzled,
+// filled by cp.async: 161 KiB at D = 128, one CTA (8 warps) per SM.
 #pragma once
 
 #include "range_attn_fwd_kernel.cuh"
@@ -247,7 +253,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
     // it + 1 and then O += P V of tile it; the softmax of tile it + 1 overlaps the latter.
     // Everything is waited for before the step ends (a wgmma still in flight across steps makes
     // ptxas serialize them), and every wgmma sits outside branches: on the last step S multiplies
-    // a stale stage into p_nxt and the softmax masks all of it (no key of any row lies there).
+    // a stale stage into s_nxt and the softmax masks all of it (no key of any row lies there).
     // Stages: tile it + 3 goes into the stage of tile it - 1, released by this step's barrier.
     auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
       mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight

@@ -5,6 +5,7 @@
 // nobody selected) are not written: the caller zero-fills dk and dv.
 #pragma once
 
+#include "range_attn_bwd_dq_sm90.cuh"
 #include "sparse_attn_bwd_kernel.cuh"
 
 namespace nsa {
@@ -23,8 +24,9 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
 
   // dQ: one CTA per group of consecutive tokens (attn_bwd_dq.cuh).
   Status st = p.mode == AttnMode::kWindow
-                  ? sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_window_kernel<T, kHeadDim, kHeadDimV>,
-                                             Cfg::kThreads, Cfg::kRangeSmemBytes, dq_ctas, p, stream)
+                  ? sparse_detail::launch_range_dq_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(
+                        sparse_detail::sparse_attn_bwd_dq_window_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads,
+                        Cfg::kRangeSmemBytes, dq_ctas, p, stream)
                   : sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>,
                                              Cfg::kThreads, Cfg::kSelSmemBytes, dq_ctas, p, stream);
   if (!st.ok()) return st;

@@ -1,0 +1,227 @@
+// sm_90a dQ of the contiguous-key-range branches (compressed keys [0, nvis(t)), window
+// [t - w + 1, t]) on warpgroup MMAs: the sm_90a forward's CTA and pipeline
+// (range_attn_fwd_sm90.cuh) with the backward's tile (attn_bwd_dq.cuh):
+//
+//   S = Q K^T, dP = dO V^T (both operands K-major), P = exp2(S scale log2e - lse log2e) under the
+//   row masks, dS = P (dP - delta), dQ += dS K (dS from the accumulators as register A
+//   fragments; K read MN-major from the same swizzled tile: LBO = one column atom of the tile,
+//   SBO = 8 keys), dq = scale dQ written once per row.
+//
+// Two warpgroups of 64 rows (8 row groups of the sm_80 layout) share 4 stages of K/V tiles; per
+// step the tensor cores run S and dP of tile it + 1 and then dQ of tile it while dS of tile
+// it + 1 is computed. Every row's sum runs over the tiles in ascending order: no atomics,
+// bitwise reproducible.
+#pragma once
+
+#include <type_traits>
+
+#include "attn_bwd_dq.cuh"
+#include "range_attn_fwd_sm90.cuh"
+
+namespace nsa {
+namespace sparse_detail {
+
+template <int kHeadDim, int kHeadDimV>
+struct RangeDqSm90Config {
+  static constexpr int kWarps = 8;  // two warpgroups = 8 row groups of 16
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsCta = kWarps * kRows;  // 128
+  static constexpr int kTileN = 64;
+  static constexpr int kStages = 4;
+  static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
+  static constexpr int kOBytes = kRowsCta * kHeadDimV * 2;
+  static constexpr int kKBytes = kTileN * kHeadDim * 2;
+  static constexpr int kVBytes = kTileN * kHeadDimV * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kSmemBytes = kQBytes + kOBytes + kStages * kStageBytes + 1024;
+  static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128,
+                "wgmma dQ: D, Dv in {64, 128}");
+};
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const AttnBwdParams p) {
+#ifdef NSA_WGMMA
+  using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
+  constexpr int kTileN = Cfg::kTileN;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sdO = smem + Cfg::kQBytes;
+  unsigned char* sStage = sdO + Cfg::kOBytes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t q_addr = q_base + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each column atom
+  const uint32_t do_addr = q_base + Cfg::kQBytes + (warp / 4) * 64 * 128;
+  const uint32_t stage_addr = q_base + Cfg::kQBytes + Cfg::kOBytes;
+
+  const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const float scale_log2 = p.scale * kLog2e;
+  const bool packed = p.cu_seqlens != nullptr;
+
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const Pass wps = warp_pass(ps, warp, P);
+    const RangeKeys<kCompressed> rk(p, ps);
+    const index_t kv_row_begin = rk.kv_row_begin, n_keys = rk.n_keys;
+    index_t lo, hi;
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+
+    const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
+    const T* dout = static_cast<const T*>(p.dout) + (packed ? 0 : b * p.dout_stride.batch);
+    const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
+    const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
+
+    // Q and dO rows: CTA row 16w + r is row r of row group w's pass (the forward's mapping).
+    auto load_rows = [&](unsigned char* dst, const T* base, const Strides3& st, auto dim_tag) {
+      constexpr int kDim = decltype(dim_tag)::value;
+      constexpr int kVec = kDim / 8;
+      for (int i = tid; i < Cfg::kRowsCta * kVec; i += Cfg::kThreads) {
+        const int row = i / kVec, c = i % kVec, w = row / kRows, r = row % kRows;
+        const Pass ws = warp_pass(ps, w, P);
+        const int tok = r / rm.heads, hh = r % rm.heads;
+        const bool on = tok >= ws.p_begin && tok < ws.p_end && r < rm.tokens * rm.heads;
+        const T* src = on ? base + (ws.row_begin + ws.t0 + tok) * st.row + static_cast<index_t>(rm.head0 + hh) * st.head + c * 8
+                          : base;
+        mma::cp_async_16(dst + wgmma::k_major_offset(row, c, Cfg::kRowsCta), src, on);
+      }
+    };
+    load_rows(sQ, q, p.q_stride, std::integral_constant<int, kHeadDim>{});
+    load_rows(sdO, dout, p.dout_stride, std::integral_constant<int, kHeadDimV>{});
+    // K and V tiles both K-major (S and dP reduce over the head dims); dQ reads K MN-major.
+    const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
+    const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/false> v_loader(v, p.v_stride.row, kv_row_begin, tid);
+    auto load_tile = [&](int it) {
+      unsigned char* sK = sStage + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      k_loader.load(sK, s0, n_keys, k, tid);
+      v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+    };
+    if (n_tiles > 0) load_tile(0);
+    mma::cp_async_commit();  // group: Q, dO rows + tile 0
+    if (n_tiles > 1) load_tile(1);
+    mma::cp_async_commit();
+    if (n_tiles > 2) load_tile(2);
+    mma::cp_async_commit();
+
+    const DqRows rw = dq_rows(p, rm, wps, gid);
+    index_t row_lo[2], row_hi[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) rk.row_keys(p, wps.t0 + rw.tok[ri], rw.on[ri], row_lo[ri], row_hi[ri]);
+    index_t keys_lo_max, keys_hi_min, unused;  // keys every token of the pass attends
+    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
+    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    float dq_acc[kHeadDim / 8][4];
+    zero_acc<kHeadDim>(dq_acc);
+    float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
+
+    // S and dP of tile it, one wgmma group, not waited for.
+    auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
+      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const uint32_t v_addr = k_addr + Cfg::kKBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk)
+        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
+                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+#pragma unroll
+      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
+        wgmma::Wgmma<T, kTileN>::ss(dp_acc, wgmma::make_desc(do_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
+                                    wgmma::make_desc(v_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma::commit();
+    };
+    // dS of tile it into s (fp32).
+    auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;  // CTA-uniform (see the forward)
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kk = n * 8 + 2 * tig + e;
+            float& x = s_acc[4 * n + 2 * ri + e];
+            const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
+            x = whole || (kk >= klo && kk < khi) ? ds : 0.f;  // a select: masked keys may hold anything
+          }
+      }
+    };
+
+    // Step it: dS of tile it is in s. Its bf16 A fragments are taken first, so S of tile it + 1
+    // can land in the same registers. Tensor cores: S, dP of tile it + 1, then dQ += dS K of
+    // tile it, during which dS of tile it + 1 is computed. Everything is waited for inside the
+    // step and every wgmma sits outside branches (see the forward); the last step multiplies a
+    // stale stage into s / dp and never uses the result.
+    float s[kTileN / 2], dp[kTileN / 2];
+    auto step = [&](int it) {
+      mma::cp_async_wait<1>();  // tile it + 1
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      if (it + 3 < n_tiles) load_tile(it + 3);
+      mma::cp_async_commit();
+      uint32_t da[kTileN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        da[kk][0] = mma::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        da[kk][1] = mma::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        da[kk][2] = mma::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        da[kk][3] = mma::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      issue_s_dp(it + 1, s, dp);
+      // K MN-major: column atoms (64 head dims) kTileN * 128 bytes apart, 8-key groups 1024.
+      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk)
+        wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
+      wgmma::commit();
+      wgmma::wait<1>();  // S, dP (it + 1)
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+      make_ds(it + 1, s, dp);
+      wgmma::wait<0>();  // dQ (it)
+      wgmma::fence_operands(dq_flat);
+    };
+
+    if (n_tiles > 0) {
+      mma::cp_async_wait<2>();  // Q, dO + tile 0
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      issue_s_dp(0, s, dp);
+      wgmma::wait<0>();
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+      make_ds(0, s, dp);
+    }
+    for (int it = 0; it < n_tiles; ++it) step(it);
+    mma::cp_async_wait_all();
+
+    dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
+    __syncthreads();  // the rows and stages are reused by the next pass
+  }
+#endif
+}
+
+// The range dQ: the wgmma kernel where it runs and covers the head dims, else sm_80's.
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, class Sm80Kernel>
+Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_smem, index_t sm80_ctas,
+                            const AttnBwdParams& p, cudaStream_t stream) {
+  if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
+    auto kernel = range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
+    if (wgmma_kernel_usable(kernel)) {
+      using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
+      return launch_dq(kernel, Cfg::kThreads, Cfg::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream);
+    }
+  }
+  return launch_dq(sm80_kernel, sm80_threads, sm80_smem, sm80_ctas, p, stream);
+}
+
+}  // namespace sparse_detail
+}  // namespace nsa
