@@ -527,8 +527,9 @@ __device__ __forceinline__ void range_tokens(const AttnParams& p, const RangeTil
 }
 
 // Grid: range_slots(p) * heads_kv * splits CTAs, unit w = (slot * H + g) * splits + chunk.
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
-__device__ __forceinline__ void range_dkdv(const AttnBwdParams& p, int splits, float* ws, unsigned char* smem) {
+// tile(a, partial): the work unit (dkdv_tile, or dkdv_tile_sm90 of attn_bwd_dkdv_sm90.cuh).
+template <int kHeadDim, int kHeadDimV, bool kCompressed, class Tile>
+__device__ __forceinline__ void range_dkdv_with(const AttnBwdParams& p, int splits, float* ws, Tile&& tile) {
   const index_t w = blockIdx.x;
   const int chunk = static_cast<int>(w % splits);
   const index_t tile_id = w / splits;
@@ -562,7 +563,13 @@ __device__ __forceinline__ void range_dkdv(const AttnBwdParams& p, int splits, f
   } else if (chunk > 0) {
     return;
   }
-  dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem);
+  tile(a, partial);
+}
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__device__ __forceinline__ void range_dkdv(const AttnBwdParams& p, int splits, float* ws, unsigned char* smem) {
+  range_dkdv_with<kHeadDim, kHeadDimV, kCompressed>(
+      p, splits, ws, [&](const TileArgs& a, float* partial) { dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem); });
 }
 
 // Grid: n_tiles = range_slots(p) * heads_kv CTAs; tiles with one chunk were written directly.

@@ -37,9 +37,18 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     if (ctas > INT32_MAX) return Status{2, "too many key tiles for one launch"};
     if (ctas > 0) {
       auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_window_kernel<T, kHeadDim, kHeadDimV>;
-      e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
+      int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
+      if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
+        auto sm90 = sparse_detail::sparse_attn_bwd_dkdv_window_sm90_kernel<T, kHeadDim, kHeadDimV>;
+        if (sparse_detail::wgmma_kernel_usable(sm90)) {  // same grid, one warpgroup per 64-key tile
+          kv_kernel = sm90;
+          threads = dkdv::SmCfg<kHeadDim, kHeadDimV>::kThreads;
+          smem = dkdv::SmCfg<kHeadDim, kHeadDimV>::kSmemBytes;
+        }
+      }
+      e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-      kv_kernel<<<static_cast<unsigned>(ctas), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p);
+      kv_kernel<<<static_cast<unsigned>(ctas), threads, smem, stream>>>(p);
     }
   } else if (num_pairs > 0 && sorted_tokens != nullptr && p.workspace != nullptr) {
     (void)sorted_keys;  // consumed by the bucket pass in sparse_attn_bwd_cuda
