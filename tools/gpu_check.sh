@@ -8,7 +8,8 @@
 # --sanitize  also run compute-sanitizer memcheck/racecheck/synccheck on small cases
 # --no-bench  skip the benchmarks; --bench NAME runs only bench_NAME* (C++ and Python)
 # --long      also run the 1M-token tests (NSA_LONG_TESTS=1; minutes, ~90 GB of GPU memory)
-# On sm_90 cards it also builds and runs tools/probes/*.cu (instruction-convention probes).
+# On sm_90 cards it also builds and runs tools/probes/*.cu (instruction-convention probes) and,
+# with the benchmarks, tools/ab_wgmma_range.py (wgmma vs sm_80 kernels on the same card).
 # The GPU machine has no package registry: carry the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -111,6 +112,13 @@ if [ $BENCH = 1 ]; then
     cat /tmp/bench_one.log >> "$OUT/bench.log"
     summary "$(basename "$b"): rc=$brc"; tail -25 /tmp/bench_one.log
   done
+  # sm_90 cards: the wgmma kernels against the sm_80 ones on the same card (one process)
+  if [ "$BENCH_GLOB" = "bench_*" ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | grep -q '^9\.0'; then
+    echo "==== tools/ab_wgmma_range.py" >> "$OUT/bench.log"
+    $PY tools/ab_wgmma_range.py > /tmp/bench_one.log 2>&1; brc=$?
+    cat /tmp/bench_one.log >> "$OUT/bench.log"
+    summary "ab_wgmma_range.py: rc=$brc"; cat /tmp/bench_one.log
+  fi
 fi
 
 # ---- memory safety on small shapes ----
