@@ -13,8 +13,6 @@
 // bitwise reproducible.
 #pragma once
 
-#include <type_traits>
-
 #include "attn_bwd_dq.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -77,22 +75,8 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
     const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
     const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
 
-    // Q and dO rows: CTA row 16w + r is row r of row group w's pass (the forward's mapping).
-    auto load_rows = [&](unsigned char* dst, const T* base, const Strides3& st, auto dim_tag) {
-      constexpr int kDim = decltype(dim_tag)::value;
-      constexpr int kVec = kDim / 8;
-      for (int i = tid; i < Cfg::kRowsCta * kVec; i += Cfg::kThreads) {
-        const int row = i / kVec, c = i % kVec, w = row / kRows, r = row % kRows;
-        const Pass ws = warp_pass(ps, w, P);
-        const int tok = r / rm.heads, hh = r % rm.heads;
-        const bool on = tok >= ws.p_begin && tok < ws.p_end && r < rm.tokens * rm.heads;
-        const T* src = on ? base + (ws.row_begin + ws.t0 + tok) * st.row + static_cast<index_t>(rm.head0 + hh) * st.head + c * 8
-                          : base;
-        mma::cp_async_16(dst + wgmma::k_major_offset(row, c, Cfg::kRowsCta), src, on);
-      }
-    };
-    load_rows(sQ, q, p.q_stride, std::integral_constant<int, kHeadDim>{});
-    load_rows(sdO, dout, p.dout_stride, std::integral_constant<int, kHeadDimV>{});
+    load_query_rows_swizzled<T, kHeadDim, Cfg::kRowsCta, Cfg::kThreads>(sQ, q, p.q_stride, rm, ps, tid);
+    load_query_rows_swizzled<T, kHeadDimV, Cfg::kRowsCta, Cfg::kThreads>(sdO, dout, p.dout_stride, rm, ps, tid);
     // K and V tiles both K-major (S and dP reduce over the head dims); dQ reads K MN-major.
     const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
     const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/false> v_loader(v, p.v_stride.row, kv_row_begin, tid);

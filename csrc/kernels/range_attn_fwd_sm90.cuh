@@ -96,6 +96,24 @@ struct SwizzledRowLoader {
   }
 };
 
+// cp.async of the CTA's query-side rows of a [.., HQ, kDim] tensor (q, dout) into a K-major
+// swizzled tile of kRowsCta rows: CTA row 16 w + r is row r of warp w's pass (token slot
+// r / heads, head r % heads), the sm_80 kernels' layout; rows that are off are zero-filled.
+template <typename T, int kDim, int kRowsCta, int kThreads>
+__device__ __forceinline__ void load_query_rows_swizzled(unsigned char* dst, const T* base, const Strides3& st,
+                                                         const RowMap& rm, const Pass& ps, int tid) {
+  constexpr int kVec = kDim / 8;
+  for (int i = tid; i < kRowsCta * kVec; i += kThreads) {
+    const int row = i / kVec, c = i % kVec, w = row / kRows, r = row % kRows;
+    const Pass ws = warp_pass(ps, w, rm.tokens);
+    const int tok = r / rm.heads, hh = r % rm.heads;
+    const bool on = tok >= ws.p_begin && tok < ws.p_end && r < rm.tokens * rm.heads;
+    const T* src = on ? base + (ws.row_begin + ws.t0 + tok) * st.row + static_cast<index_t>(rm.head0 + hh) * st.head + c * 8
+                      : base;
+    mma::cp_async_16(dst + wgmma::k_major_offset(row, c, kRowsCta), src, on);
+  }
+}
+
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
 __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kernel(const AttnParams p) {
 #ifdef NSA_WGMMA
@@ -135,19 +153,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
     const T* k = static_cast<const T*>(p.k) + (packed ? 0 : b * p.k_stride.batch) + static_cast<index_t>(rm.g) * p.k_stride.head;
     const T* v = static_cast<const T*>(p.v) + (packed ? 0 : b * p.v_stride.batch) + static_cast<index_t>(rm.g) * p.v_stride.head;
 
-    // Query rows: CTA row 16w + r is row r of warp w's pass (token slot r / heads, head r % heads).
-    {
-      constexpr int kVec = kHeadDim / 8;
-      for (int i = tid; i < Cfg::kRowsCta * kVec; i += Cfg::kThreads) {
-        const int row = i / kVec, c = i % kVec, w = row / kRows, r = row % kRows;
-        const Pass ws = warp_pass(ps, w, P);
-        const int tok = r / rm.heads, hh = r % rm.heads;
-        const bool on = tok >= ws.p_begin && tok < ws.p_end && r < rm.tokens * rm.heads;
-        const T* src = on ? q + (ws.row_begin + ws.t0 + tok) * p.q_stride.row + static_cast<index_t>(rm.head0 + hh) * p.q_stride.head + c * 8
-                          : q;
-        mma::cp_async_16(sQ + wgmma::k_major_offset(row, c, Cfg::kRowsCta), src, on);
-      }
-    }
+    load_query_rows_swizzled<T, kHeadDim, Cfg::kRowsCta, Cfg::kThreads>(sQ, q, p.q_stride, rm, ps, tid);
     const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
     const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/true> v_loader(v, p.v_stride.row, kv_row_begin, tid);
     auto load_tile = [&](int it) {  // tile it -> stage it % kStages
