@@ -191,6 +191,24 @@ struct TileArgs {
   index_t r_begin = 0, r_end = 0;
 };
 
+// Tokens [lo, hi] whose rows key kk (0-based in the tile) takes; lo = INT_MAX (none) for a key
+// past nk. Compressed key s: t >= s d + l - 1; window: s <= t <= s + w - 1; selected: t >= s.
+__device__ __forceinline__ void key_token_window(const AttnParams& p, const TileArgs& a, int kk, int& lo_out, int& hi_out) {
+  index_t lo = INT_MAX, hi = -1;
+  if (kk < a.nk) {
+    const index_t s = a.key0 + kk;
+    if (p.mode == AttnMode::kCompressed) {
+      lo = s * p.cmp_stride + p.cmp_block - 1;
+      hi = INT_MAX;
+    } else {
+      lo = s;
+      hi = p.mode == AttnMode::kWindow ? s + p.window - 1 : INT_MAX;
+    }
+  }
+  lo_out = static_cast<int>(lo < INT_MAX ? lo : INT_MAX);
+  hi_out = static_cast<int>(hi < INT_MAX ? hi : INT_MAX);
+}
+
 // partial == nullptr: write dK (scaled) and dV of the valid keys in T; else write the fp32 tile
 // [kKeys][Dk + Dv] (rows of keys >= nk hold zeros or nothing; the reduction skips them).
 // Warp w owns keys [16 (w % 4), +16) and dK / dV columns half w / 4 (D = 256) or all.
@@ -259,22 +277,7 @@ __device__ __forceinline__ void dkdv_tile(const AttnBwdParams& p, const TileArgs
     // Query-row window per key of this thread (its C-fragment rows gid, gid + 8 of the group).
     int key_lo[2], key_hi[2];
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int kk = kg * 16 + gid + ri * 8;
-      index_t lo = INT_MAX, hi = -1;
-      if (kk < a.nk) {
-        const index_t s = a.key0 + kk;
-        if (p.mode == AttnMode::kCompressed) {
-          lo = s * p.cmp_stride + p.cmp_block - 1;
-          hi = INT_MAX;
-        } else {
-          lo = s;
-          hi = p.mode == AttnMode::kWindow ? s + p.window - 1 : INT_MAX;
-        }
-      }
-      key_lo[ri] = static_cast<int>(lo < INT_MAX ? lo : INT_MAX);
-      key_hi[ri] = static_cast<int>(hi < INT_MAX ? hi : INT_MAX);
-    }
+    for (int ri = 0; ri < 2; ++ri) key_token_window(p, a, kg * 16 + gid + ri * 8, key_lo[ri], key_hi[ri]);
 
     // Loader: kParts threads per query row (row tid / kParts), each every kParts-th 16-byte
     // piece. (qi, hh) = (token index, head) of this thread's row in the next step to issue,

@@ -102,22 +102,7 @@ __device__ __forceinline__ void dkdv_tile_sm90(const AttnBwdParams& p, const Til
     // Query-row window per key of this thread (accumulator rows gid, gid + 8 of the warp's 16 keys).
     int key_lo[2], key_hi[2];
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int kk = warp * 16 + gid + ri * 8;
-      index_t lo = INT_MAX, hi = -1;
-      if (kk < a.nk) {
-        const index_t s = a.key0 + kk;
-        if (p.mode == AttnMode::kCompressed) {
-          lo = s * p.cmp_stride + p.cmp_block - 1;
-          hi = INT_MAX;
-        } else {
-          lo = s;
-          hi = p.mode == AttnMode::kWindow ? s + p.window - 1 : INT_MAX;
-        }
-      }
-      key_lo[ri] = static_cast<int>(lo < INT_MAX ? lo : INT_MAX);
-      key_hi[ri] = static_cast<int>(hi < INT_MAX ? hi : INT_MAX);
-    }
+    for (int ri = 0; ri < 2; ++ri) key_token_window(p, a, warp * 16 + gid + ri * 8, key_lo[ri], key_hi[ri]);
 
     // Loader: kParts threads per row (row tid / kParts), each every kParts-th 16-byte piece, into
     // the stage's swizzled Q / dO tiles; (qi, hh) = (token index, head) of this thread's row in the
