@@ -1,9 +1,9 @@
-"""A/B of the range forward (compressed branch and sliding window) on sm_90a: the sm_80 mma.sync
-kernel (NSA_DISABLE_WGMMA=1) and the wgmma kernel (the launcher reads the variable per launch,
-so one process times both), headline
-D = 128 with G = 16, 4 and 1, T = 16k and 64k. Prints ms, TFLOP/s on the attended pairs, the
-speedup over sm_80 and the max difference from the sm_80 output; then forward + backward (the dQ
-kernel switches with the forward) with the dq difference.
+"""A/B of the range branches (compressed and sliding window) on sm_90a: the sm_80 mma.sync kernels
+(NSA_DISABLE_WGMMA=1) against the wgmma ones (the launchers read the variable per launch, so one
+process times both), headline D = 128 with G = 16, 4 and 1, T = 16k and 64k. Prints ms, TFLOP/s
+on the attended pairs, the speedup over sm_80 and the max difference from the sm_80 output, for
+the forward and then forward + backward (every kernel of the branch that has a wgmma version
+switches: forward, dQ, and the window's dK/dV), with the dq difference.
 
     python tools/ab_wgmma_range.py      # on an sm_90 GPU, from the repository root
 """
