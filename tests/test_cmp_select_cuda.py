@@ -129,6 +129,25 @@ def test_select_full_lists(G, n, lp):
     check_select((1, 4000), 2, G, 128, torch.bfloat16, lp=lp, n=n)
 
 
+@pytest.mark.parametrize("kernel", ["default", "pipelined", "sm80"])
+@pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
+def test_select_kernels(kernel, G, monkeypatch):
+    """Each selection kernel against the reference on an sm_90 card: the wgmma kernel (default: one
+    S buffer, two CTAs per SM where they fit), its pipelined variant (NSA_SELECT_SM90_PIPELINED=1)
+    and sm_80's mma.sync kernel (NSA_DISABLE_WGMMA); elsewhere all three run the sm_80 kernel. T = 5000: 311 compressed keys,
+    5 tiles of 64 (an odd count: the pipelined kernel's padding step) and lists that fill early;
+    a packed batch with a 1-token sequence; every head dim; a list longer than a warp."""
+    if kernel == "pipelined":
+        monkeypatch.setenv("NSA_SELECT_SM90_PIPELINED", "1")
+    if kernel == "sm80":
+        monkeypatch.setenv("NSA_DISABLE_WGMMA", "1")
+    check_select((1, 5000), 1, G, 128, torch.bfloat16)
+    cu = cu_of([4100, 1, 900, 70])
+    check_select((int(cu[-1]),), 2, G, 64, torch.bfloat16, cu=cu, n=40)
+    for D in (192, 256):
+        check_select((2, 700), 1, G, D, torch.bfloat16)
+
+
 def test_select_varlen_and_hparams():
     cu = cu_of([1, 37, 500, 0, 5, 260])
     check_select((int(cu[-1]),), 2, 4, 64, torch.bfloat16, cu=cu, l=16, d=8, lp=32, n=5, init=0, local=3)

@@ -1,4 +1,4 @@
-// Kernel body of block scoring + top-n selection (DESIGN.md §1.3-1.4; see cmp_attn.h).
+// Kernel body of block scoring + top-n selection (DESIGN.md §1.3-1.4; see cmp_attn.h), sm_80.
 //
 // A warp owns the 16 query rows of the attention kernels' layout (the G heads of 16/G
 // consecutive tokens, or 16 heads of one token per chunk when G > 16) and walks the compressed
@@ -6,16 +6,7 @@
 //   1. S = Q K_c^T on the tensor cores (mma.sync), P = exp(scale S - lse) per row, masked to the
 //      keys the row's token may see;
 //   2. P summed over the heads of each token (shared memory, fixed head order);
-//   3. each (token, selection block) the tile touches gets sum_i c(i, j) P[i] over the tile's
-//      keys, ascending i, added to a per-token ring of open block sums;
-//   4. blocks whose overlapping keys are all done are finalised into a running top-n list
-//      sorted by (score desc, block asc): an equal score never displaces an earlier (lower)
-//      block, so ties go to the lower index. With up to 4 tokens per warp (G >= 4) finished
-//      blocks are collected until 32 of a token are done, and the whole warp merges those that
-//      beat the list's n-th score by rank (no serial insertion: that chain of shared-memory
-//      round trips was a quarter of the kernel's instructions on the H200); with more tokens
-//      per warp each token's lane inserts its blocks.
-// Scratch is O(n) per token in shared memory; nothing of size [T, Nc] or [T, blocks] exists.
+//   3, 4. block sums and the running top-n lists: SelectWarpLists (select_lists.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,19 +14,13 @@
 
 #include "cmp_attn.h"
 #include "cmp_attn_fwd_kernel.cuh"
+#include "select_lists.cuh"
 
 namespace nsa {
 namespace sparse_detail {
 
 constexpr int kSelectTileKeys = 32;  // compressed keys per step (one gemm_16x32_nt)
-constexpr int kSelectRing = 128;     // open block sums per token (power of two)
 constexpr int kSelectMaxWarps = 4;
-
-// Selection blocks a token may have open at once: those touched by one key tile plus the
-// carry from the previous tile. The launcher refuses (l, d, l') beyond the ring.
-__host__ __device__ inline int select_open_blocks(int l, int d, int lp) {
-  return ((kSelectTileKeys - 1) * d + l - 1) / lp + 2;
-}
 
 struct SelectShape {
   int tokens;  // tokens per warp: 16/G, or 1 when G >= 16
@@ -51,25 +36,20 @@ __host__ __device__ inline SelectShape select_shape(int G) {
   return s;
 }
 
-// Per-warp shared memory: q rows [chunks*16][kLd] (T), P rows [16][33] (f32), P per token
-// [tokens][32] (f32), ring [tokens][kSelectRing] (f32), top scores [tokens][2][n] (f32), top
-// blocks [tokens][2][n] (int): two buffers per token, merges write the other one. After the
-// warps: two stages of the CTA's key tile [32][kLd] (T).
+// Per-warp shared memory: q rows [chunks*16][kLd] (T), P rows [16][33] (f32), then the lists
+// (SelectListLayout). After the warps: two stages of the CTA's key tile [32][kLd] (T).
 template <int kHeadDim>
 struct SelectLayout {
   static constexpr int kLd = kHeadDim + 8;  // +16 bytes per row: conflict-free fragment reads
   static constexpr int kLdS = kSelectTileKeys + 1;
   int q_elems;
-  size_t s_off, p_off, ring_off, sc_off, id_off, bytes;
-  __host__ __device__ SelectLayout(int G, int n) {
-    const SelectShape sh = select_shape(G);
-    q_elems = sh.chunks * kRows * kLd;
-    s_off = static_cast<size_t>(q_elems) * 2;
-    p_off = s_off + kRows * kLdS * 4;
-    ring_off = p_off + static_cast<size_t>(sh.tokens) * kSelectTileKeys * 4;
-    sc_off = ring_off + static_cast<size_t>(sh.tokens) * kSelectRing * 4;
-    id_off = sc_off + static_cast<size_t>(sh.tokens) * 2 * n * 4;
-    bytes = (id_off + static_cast<size_t>(sh.tokens) * 2 * n * 4 + 15) / 16 * 16;
+  size_t s_off, bytes;
+  SelectListLayout<kSelectTileKeys> lists;
+  __host__ __device__ SelectLayout(int G, int n)
+      : q_elems(select_shape(G).chunks * kRows * kLd),
+        s_off(static_cast<size_t>(q_elems) * 2),
+        lists(s_off + kRows * kLdS * 4, select_shape(G).tokens, n) {
+    bytes = (lists.end + 15) / 16 * 16;
   }
 };
 
@@ -116,21 +96,6 @@ __device__ __forceinline__ void gemm_16x16_nt(float (&acc)[2][4], const T* sA, i
   }
 }
 
-// Inserts (s, j) into the list sorted by (score desc, block asc); j is larger than every block
-// already there, so equal scores keep the earlier (lower) block first.
-__device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int n, float s, int j) {
-  if (count == n && !(s > sc[n - 1])) return;
-  int pos = count < n ? count : n - 1;
-  while (pos > 0 && s > sc[pos - 1]) {
-    sc[pos] = sc[pos - 1];
-    id[pos] = id[pos - 1];
-    --pos;
-  }
-  sc[pos] = s;
-  id[pos] = j;
-  if (count < n) ++count;
-}
-
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(const SelectParams sp) {
   using Layout = SelectLayout<kHeadDim>;
@@ -145,25 +110,15 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
   T* sQ = reinterpret_cast<T*>(base);
   T* sStage = reinterpret_cast<T*>(smem_raw + warps * lay.bytes);
   float* sS = reinterpret_cast<float*>(base + lay.s_off);
-  float* sP = reinterpret_cast<float*>(base + lay.p_off);
-  float* ring = reinterpret_cast<float*>(base + lay.ring_off);
-  float* top_sc = reinterpret_cast<float*>(base + lay.sc_off);
-  int* top_id = reinterpret_cast<int*>(base + lay.id_off);
+  float* sP = reinterpret_cast<float*>(base + lay.lists.p_off);
 
-  // The attention kernels' group / pass helpers only read the batch geometry.
-  AttnParams geo;
-  geo.cu_seqlens = sp.cu_seqlens;
-  geo.batch = sp.batch;
-  geo.seqlen = sp.seqlen;
-  geo.total_rows = sp.total_rows;
+  const AttnParams geo = select_batch_geometry(sp);
   Group gr;
   const int cta_tokens = sh.tokens * warps;
   if (!group_of(geo, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const bool packed = sp.cu_seqlens != nullptr;
-  const int l = sp.cmp_block, d = sp.cmp_stride, lp = sp.sel_block;
+  const int l = sp.cmp_block, d = sp.cmp_stride;
   const float scale_log2 = sp.scale * kLog2e;
-  const int open_cap = select_open_blocks(l, d, lp);
-  const int a_units = l / d, b_units = lp / d;  // d divides l and l' (checked on the host)
 
   Pass cps;
   for (int pb = 0; next_pass(geo, cta_tokens, gr, pb, 0, cps); pb = cps.p_end) {
@@ -196,106 +151,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
       mma::cp_async_16(sQ + rr * kLd + c, src, on);
     }
     mma::cp_async_commit();
-    for (int i = lane; i < sh.tokens * kSelectRing; i += 32) ring[i] = 0.f;
-
-    // Per-token state, held by lane `tok` (tok < tokens).
-    int count = 0, next_final = 0, cur = 0;  // cur: which of the token's two list buffers is live
-    const int my_tok = lane;
-    const bool my_on = my_tok >= ps.p_begin && my_tok < ps.p_end;
-    const index_t my_t = t0 + my_tok;
-    const index_t my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
-    const int my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
-    const int my_nvis_i = static_cast<int>(my_nvis);  // positions inside one sequence fit in int
-    auto finalise_until = [&](int j_end) {
-      for (; next_final < j_end; ++next_final) {
-        const int j = next_final;
-        const bool forced = j < sp.init_blocks || j > my_tblk - sp.local_blocks;
-        float& slot = ring[my_tok * kSelectRing + (j & (kSelectRing - 1))];
-        const float s = forced ? INFINITY : slot;
-        slot = 0.f;
-        topn_insert(top_sc + my_tok * 2 * n, top_id + my_tok * 2 * n, count, n, s, j);
-      }
-    };
-    // Finished blocks a token may keep in the ring: the open ones span at most open_cap + 31.
-    const int defer = open_cap + 40 <= kSelectRing ? 32 : 1;
-    // The same for every token of the warp (j_end held by the token's lane; called by the whole
-    // warp). With few tokens per warp (G >= 4) one token lane inserting block after block was a
-    // serial chain of shared-memory round trips that the rest of the warp waited on. Here a
-    // token's finished blocks are left in the ring until 32 of them are done (`defer`; or the
-    // walk ends: `last`), then the lanes read 32 at a time and those that can enter the list
-    // (list not full, or score above its n-th) are merged by rank: a candidate's new position
-    // is the number of listed scores >= its own plus the candidates that beat it (higher score,
-    // or equal score and lower block); a listed entry moves down by the candidates scoring
-    // strictly higher (its block is lower). The ranks are a permutation, so the merged list is
-    // written into the token's other buffer without conflicts. Same list as inserting the
-    // blocks one by one in ascending order. NaN scores rank below every real one (-1).
-    auto finalise_warp = [&](int j_end, bool last) {
-      if (sh.tokens > 4) {
-        if (my_on) finalise_until(j_end);
-        __syncwarp();
-        return;
-      }
-      for (int tk = ps.p_begin; tk < ps.p_end; ++tk) {
-        const int nf = __shfl_sync(0xffffffffu, next_final, tk);
-        const int je = __shfl_sync(0xffffffffu, j_end, tk);
-        const int tb = __shfl_sync(0xffffffffu, my_tblk, tk);
-        if (je <= nf || (!last && je - nf < defer)) continue;
-        int cnt = __shfl_sync(0xffffffffu, count, tk);
-        int cb = __shfl_sync(0xffffffffu, cur, tk);
-        for (int j0 = nf; j0 < je; j0 += 32) {
-          const int j = j0 + lane;
-          const bool on = j < je;
-          float s = 0.f;
-          if (on) {
-            const bool forced = j < sp.init_blocks || j > tb - sp.local_blocks;
-            float& slot = ring[tk * kSelectRing + (j & (kSelectRing - 1))];
-            s = forced ? INFINITY : (slot == slot ? slot : -1.f);
-            slot = 0.f;
-          }
-          const float* old_sc = top_sc + (tk * 2 + cb) * n;
-          const int* old_id = top_id + (tk * 2 + cb) * n;
-          const float th = cnt == n ? old_sc[n - 1] : 0.f;
-          const unsigned cand = __ballot_sync(0xffffffffu, on && (cnt < n || s > th));
-          if (cand == 0u) continue;
-          float* new_sc = top_sc + (tk * 2 + (cb ^ 1)) * n;
-          int* new_id = top_id + (tk * 2 + (cb ^ 1)) * n;
-          const bool mine = (cand >> lane) & 1u;
-          int rank = 0;  // of this lane's candidate
-          for (int a = 0; a < cnt; ++a) rank += old_sc[a] >= s;
-          for (unsigned m = cand; m != 0u; m &= m - 1u) {
-            const int x = __ffs(static_cast<int>(m)) - 1;
-            const float sx = __shfl_sync(0xffffffffu, s, x);
-            rank += sx > s || (sx == s && x < lane);
-          }
-          for (int a0 = 0; a0 < cnt; a0 += 32) {  // listed entries a = a0 + lane
-            const int a = a0 + lane;
-            const float ys = a < cnt ? old_sc[a] : 0.f;
-            int down = 0;
-            for (unsigned m = cand; m != 0u; m &= m - 1u) {
-              const int x = __ffs(static_cast<int>(m)) - 1;
-              down += __shfl_sync(0xffffffffu, s, x) > ys;
-            }
-            if (a < cnt && a + down < n) {
-              new_sc[a + down] = ys;
-              new_id[a + down] = old_id[a];
-            }
-          }
-          if (mine && rank < n) {
-            new_sc[rank] = s;
-            new_id[rank] = j;
-          }
-          cnt = min(cnt + __popc(cand), n);
-          cb ^= 1;
-          __syncwarp();  // the merged list is visible to every lane of the next round
-        }
-        if (lane == tk) {
-          next_final = je;
-          count = cnt;
-          cur = cb;
-        }
-      }
-      __syncwarp();
-    };
+    SelectWarpLists<kSelectTileKeys> lists(sp, base, lay.lists, sh.tokens, ps.p_begin, ps.p_end, t0, nc, lane);
     // Rows of the current chunk: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];
@@ -451,37 +307,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
           if (pow2_heads) col_state(0);
           else row_state(0);
         }
-        // 3. block sums: (token, block) pairs, ascending keys inside each. In units of the
-        // stride d (which divides l and l'), key i covers [i, i + a) and block j covers
-        // [j b, (j + 1) b): overlaps are integer differences, no division per key. The pairs
-        // are dealt in warp-uniform rounds so the token's lane can broadcast its geometry.
-        const int jlo = static_cast<int>(s0) / b_units;
-        const int pairs = sh.tokens * open_cap;
-        for (int w0 = 0; w0 < pairs; w0 += 32) {
-          const int w = w0 + lane;
-          const int tok = sh.tokens == 1 ? 0 : min(w / open_cap, sh.tokens - 1);
-          const int j = jlo + (sh.tokens == 1 ? w : w % open_cap);
-          const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
-          const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
-          if (w >= pairs || tok < ps.p_begin || tok >= ps.p_end) continue;
-          if (s0 >= nv || j > tb) continue;
-          const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
-          const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kSelectTileKeys - 1), nv - 1);
-          float sum = 0.f;
-          for (int i = i_lo; i <= i_hi; ++i) {
-            const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
-            sum += sP[tok * kSelectTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
-          }
-          if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
-        }
-        __syncwarp();
-        // 4. finalise the blocks whose keys are all done.
-        int j_end = next_final;
-        if (my_on && s0 < my_nvis) {  // 32-bit: positions inside one sequence fit in int
-          const int i_end = static_cast<int>(s0) + kSelectTileKeys;
-          j_end = i_end >= my_nvis_i ? my_tblk + 1 : min(i_end / b_units, my_tblk + 1);
-        }
-        finalise_warp(j_end, false);
+        lists.add_tile(s0);
       }
       __syncwarp();     // reconverge the token lanes before the CTA barrier
       __syncthreads();  // the next iteration's load overwrites this stage
@@ -489,26 +315,8 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
     mma::cp_async_wait_all();  // no tiles: the q rows are still in flight
     __syncwarp();
 
-    finalise_warp(my_on ? my_tblk + 1 : next_final, true);
-    // Each token's row in ascending block order: the lane holding listed block a writes it at
-    // its rank among the listed blocks (distinct); the rest of the row is -1.
-    for (int tok = ps.p_begin; tok < ps.p_end; ++tok) {
-      const int cnt = __shfl_sync(0xffffffffu, count, tok);
-      const int* ids = top_id + (tok * 2 + __shfl_sync(0xffffffffu, cur, tok)) * n;
-      int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) +
-                 (row_begin + t0 + tok) * sp.block_idx_stride.row + static_cast<index_t>(g) * sp.block_idx_stride.head;
-      for (int a = lane; a < n; a += 32) {
-        if (a < cnt) {
-          const int x = ids[a];
-          int r = 0;
-          for (int c = 0; c < cnt; ++c) r += ids[c] < x;
-          out[r] = x;
-        } else {
-          out[a] = -1;
-        }
-      }
-    }
-    __syncwarp();
+    lists.finish(sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head,
+                 row_begin + t0, sp.block_idx_stride.row);
     __syncthreads();  // the next pass reuses the stages
   }
 }

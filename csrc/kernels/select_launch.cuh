@@ -3,6 +3,7 @@
 #pragma once
 
 #include "select_kernel.cuh"
+#include "select_kernel_sm90.cuh"
 
 namespace nsa {
 
@@ -11,8 +12,15 @@ Status run_select_blocks(const SelectParams& p, cudaStream_t stream) {
   using sparse_detail::SelectLayout;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return Status{2, "heads_q must be a multiple of heads_kv"};
   if (p.top_n < 1) return Status{2, "top_n must be >= 1"};
-  if (sparse_detail::select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block) > sparse_detail::kSelectRing)
+  if (sparse_detail::select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, sparse_detail::kSelectTileKeys) > sparse_detail::kSelectRing)
     return Status{2, "cmp_block / cmp_stride too large relative to sel_block for the CUDA selection kernel"};
+  if constexpr (kHeadDim % 64 == 0) {
+    if (sparse_detail::select_sm90_covers<kHeadDim>(p) &&
+        sparse_detail::wgmma_kernel_usable(sparse_detail::select_blocks_sm90_kernel<T, kHeadDim, true>))
+      return sparse_detail::select_sm90_pipelined<kHeadDim>(p)
+                 ? sparse_detail::run_select_blocks_sm90<T, kHeadDim, true>(p, stream)
+                 : sparse_detail::run_select_blocks_sm90<T, kHeadDim, false>(p, stream);
+  }
   const int G = p.heads_q / p.heads_kv;
   const sparse_detail::SelectShape sh = sparse_detail::select_shape(G);
   // As many warps per CTA (up to 4) as fit in shared memory: large G x head dim x top_n take

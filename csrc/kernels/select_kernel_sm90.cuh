@@ -1,0 +1,314 @@
+// sm_90a block scoring + top-n selection (DESIGN.md §1.3-1.4) on warpgroup MMAs, for a power-of-two
+// G <= 16 (every warp owns the G heads of 16 / G whole tokens).
+//
+// ncu of the sm_80 kernel (select_kernel.cuh) at 16k, headline shape: issue-bound (IPC 2.1,
+// 25% occupancy at 128 registers); a third of its instructions were the per-warp 16 x 32 score
+// products and their head sums through shared memory, a quarter the block sums, a fifth the
+// list merges. Here a CTA is the range forward's (range_attn_fwd_sm90.cuh): two warpgroups, 128
+// query rows, swizzled Q and four stages of 64 compressed keys filled by cp.async, S = Q K^T
+// per warpgroup on one m64n64 wgmma chain. Each step issues S of the next tile before it works
+// on the current one, so the tensor cores run under the scalar phase (kPipelined; the default is
+// the one-buffer variant with two CTAs per SM, which measured faster). Per tile and warp:
+//   1. P = exp2(S scale log2e - lse log2e), masked to the keys each row's token sees (only on
+//      tiles that some token of the warp does not see whole);
+//   2. the sum over each token's heads is a reduce-scatter across the quad rows of the
+//      accumulator layout (xor shuffles over gid bits, halving the columns each time: 14
+//      shuffles per 64 keys at G = 16 instead of 48 for a full butterfly), then stored as
+//      sP [tokens][64] in a fixed order;
+//   3, 4. SelectWarpLists::add_tile (block sums, top-n lists), shared with the sm_80 kernel.
+#pragma once
+
+#include "range_attn_fwd_sm90.cuh"
+#include "select_lists.cuh"
+
+namespace nsa {
+namespace sparse_detail {
+
+template <int kHeadDim>
+struct SelectSm90Config {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsCta = kWarps * kRows;  // 64 per warpgroup: the wgmma M
+  static constexpr int kTileN = 64;                // compressed keys per tile (the wgmma N)
+  static constexpr int kStages = 4;
+  static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
+  static constexpr int kKBytes = kTileN * kHeadDim * 2;
+  static constexpr int kFixedBytes = kQBytes + kStages * kKBytes;  // lists of the 8 warps follow
+  static_assert(kHeadDim % 64 == 0, "wgmma path: Dk in {64, 128, 192, 256}");
+  __host__ __device__ static size_t list_bytes(int G, int n) {
+    return (SelectListLayout<kTileN>(0, kRows / G, n).end + 15) / 16 * 16;
+  }
+  __host__ __device__ static size_t smem_bytes(int G, int n) {
+    return kFixedBytes + kWarps * list_bytes(G, n) + 1024;  // + 1024-byte alignment
+  }
+};
+
+// Step 2 for kHeads (a power of two <= 16) heads per token: s is one warp's 16 x kTileN
+// accumulator tile (m16n8 layout: s[4 nt + 2 ri + e] = row gid + 8 ri, key 8 nt + 2 tig + e).
+// Rows gid + 8 ri with the same token differ in gid bits [0, log2 kHeads) (and ri at 16 heads):
+// level k exchanges half of the remaining key groups with lane ^ (4 << k) and keeps the sums of
+// the other half. Stores sP[token][key] for the warp's 16 / kHeads tokens.
+template <int kTileN, int kHeads>
+__device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], float* sP, int gid, int tig) {
+  constexpr int kNt = kTileN / 8;
+  constexpr int kLevels = kHeads >= 8 ? 3 : (kHeads == 4 ? 2 : (kHeads == 2 ? 1 : 0));
+  constexpr int kHalves = kHeads == 16 ? 1 : 2;  // row halves summed separately (different tokens)
+#pragma unroll
+  for (int ri = 0; ri < kHalves; ++ri) {
+    float v[kNt][2];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        v[nt][e] = kHeads == 16 ? s[4 * nt + e] + s[4 * nt + 2 + e] : s[4 * nt + 2 * ri + e];
+    int off = 0;  // first key group still held
+#pragma unroll
+    for (int k = 0; k < kLevels; ++k) {
+      const int half = kNt >> (k + 1);
+      const bool upper = (gid >> k) & 1;
+#pragma unroll
+      for (int i = 0; i < half; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float send = upper ? v[i][e] : v[i + half][e];
+          const float keep = upper ? v[i + half][e] : v[i][e];
+          v[i][e] = keep + __shfl_xor_sync(0xffffffffu, send, 4 << k);
+        }
+      off += upper ? half : 0;
+    }
+    const int tok = kHeads == 16 ? 0 : (gid + 8 * ri) / kHeads;
+#pragma unroll
+    for (int i = 0; i < (kNt >> kLevels); ++i)
+      *reinterpret_cast<float2*>(sP + tok * kTileN + 8 * (off + i) + 2 * tig) = make_float2(v[i][0], v[i][1]);
+  }
+}
+
+// kPipelined: two S buffers, S of the next tile in flight while this one is scored, ~215
+// registers, one CTA per SM. Otherwise one buffer and two CTAs per SM (<= 128 registers; the
+// faster one where it fits, see select_sm90_pipelined).
+template <typename T, int kHeadDim, bool kPipelined>
+__global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_kernel(const SelectParams sp) {
+#ifdef NSA_WGMMA
+  using Cfg = SelectSm90Config<kHeadDim>;
+  constexpr int kTileN = Cfg::kTileN;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* sQ = smem;
+  unsigned char* sStage = smem + Cfg::kQBytes;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t stage_addr = q_base + Cfg::kQBytes;
+  const uint32_t q_addr = q_base + (warp / 4) * 64 * 128;  // this warpgroup's 64 rows of each column atom
+
+  const int G = sp.heads_q / sp.heads_kv, g = blockIdx.y, n = sp.top_n;
+  const int P = kRows / G;  // tokens per warp
+  const SelectListLayout<kTileN> list_lay(0, P, n);
+  unsigned char* warp_lists = smem + Cfg::kFixedBytes + warp * Cfg::list_bytes(G, n);
+  float* sP = reinterpret_cast<float*>(warp_lists + list_lay.p_off);
+  RowMap rm;
+  rm.g = g;
+  rm.tokens = P;
+  rm.heads = G;
+  rm.head0 = g * G;
+
+  const AttnParams geo = select_batch_geometry(sp);
+  const int cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(geo, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const bool packed = sp.cu_seqlens != nullptr;
+  const int l = sp.cmp_block, d = sp.cmp_stride;
+  const float scale_log2 = sp.scale * kLog2e;
+
+  Pass ps;
+  for (int pb = 0; next_pass(geo, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
+    const int b = ps.b;
+    const Pass wps = warp_pass(ps, warp, P);
+    const int nc = num_compressed(ps.seq_len, l, d);
+    const index_t kv_begin = packed ? compressed_row_begin(sp.cu_seqlens, b, sp.total_rows, d) : 0;
+    const T* q = static_cast<const T*>(sp.q) + (packed ? 0 : b * sp.q_stride.batch);
+    const T* kc = static_cast<const T*>(sp.k_cmp) + (packed ? 0 : b * sp.k_stride.batch) +
+                  static_cast<index_t>(g) * sp.k_stride.head;
+    const index_t lse_b = packed ? 0 : b * sp.lse_batch_stride;
+
+    // Keys of the CTA (its last token sees the most) and of this warp's tokens: all of
+    // [0, nvis_warp_lo) is visible to every token of the warp.
+    const index_t nvis_cta = num_visible(ps.t0 + ps.p_end - 1, nc, l, d);
+    const bool warp_on = wps.p_begin < wps.p_end;
+    const index_t nvis_warp = warp_on ? num_visible(wps.t0 + wps.p_end - 1, nc, l, d) : 0;
+    const index_t nvis_warp_lo = warp_on ? num_visible(wps.t0 + wps.p_begin, nc, l, d) : 0;
+    const int n_tiles = static_cast<int>((nvis_cta + kTileN - 1) / kTileN);
+    // Steps come in pairs (the S buffers alternate); an odd count gets one more step, whose
+    // tile lies past every token's keys and is skipped.
+    const int n_steps = (n_tiles + 1) & ~1;
+    const int n_load = kPipelined ? n_steps : n_tiles;  // tiles the loads may touch
+
+    load_query_rows_swizzled<T, kHeadDim, Cfg::kRowsCta, Cfg::kThreads>(sQ, q, sp.q_stride, rm, ps, tid);
+    const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(kc, sp.k_stride.row, kv_begin, tid);
+    auto load_tile = [&](int it) {  // tile it -> stage it % kStages
+      k_loader.load(sStage + (it % Cfg::kStages) * Cfg::kKBytes, static_cast<index_t>(it) * kTileN, nc, kc, tid);
+    };
+    if (n_load > 0) load_tile(0);
+    mma::cp_async_commit();  // group: query rows + tile 0
+    if (n_load > 1) load_tile(1);
+    mma::cp_async_commit();
+    if (n_load > 2) load_tile(2);
+    mma::cp_async_commit();
+
+    SelectWarpLists<kTileN> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
+    // Rows gid, gid + 8 of the warp: visible keys and lse (log2 units; +inf for rows that are off).
+    index_t row_nv[2];
+    float row_lse[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + ri * 8, tok = r / G, h = r % G;
+      const bool on = tok >= wps.p_begin && tok < wps.p_end;
+      row_nv[ri] = 0;
+      row_lse[ri] = INFINITY;
+      if (on) {
+        row_nv[ri] = num_visible(wps.t0 + tok, nc, l, d);
+        const float x = sp.lse[lse_b + (wps.row_begin + wps.t0 + tok) * sp.lse_row_stride + g * G + h];
+        row_lse[ri] = x == -INFINITY ? INFINITY : x * kLog2e;
+      }
+    }
+
+    auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
+      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kKBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t off_q = (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32;
+        const uint32_t off_k = (kk / 4) * kTileN * 128 + (kk % 4) * 32;
+        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + off_q, 16, 1024),
+                                    wgmma::make_desc(k_addr + off_k, 16, 1024), kk > 0);
+      }
+      wgmma::commit();
+    };
+
+    // Steps 1-4 for tile it of this warp (warp-uniform: no wgmma inside).
+    auto score_tile = [&](int it, float(&s)[kTileN / 2]) {
+      const index_t s0 = static_cast<index_t>(it) * kTileN;
+      if (s0 >= nvis_warp) return;
+      const bool whole = s0 + kTileN <= nvis_warp_lo;
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int vis = whole ? kTileN : tile_offset_n<kTileN>(row_nv[ri], s0);
+#pragma unroll
+        for (int nt = 0; nt < kTileN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[4 * nt + 2 * ri + e];
+            x = 8 * nt + 2 * tig + e < vis ? exp2f(fmaf(x, scale_log2, -row_lse[ri])) : 0.f;
+          }
+      }
+      switch (G) {
+        case 16: select_sum_heads<kTileN, 16>(s, sP, gid, tig); break;
+        case 8: select_sum_heads<kTileN, 8>(s, sP, gid, tig); break;
+        case 4: select_sum_heads<kTileN, 4>(s, sP, gid, tig); break;
+        case 2: select_sum_heads<kTileN, 2>(s, sP, gid, tig); break;
+        default: select_sum_heads<kTileN, 1>(s, sP, gid, tig); break;
+      }
+      __syncwarp();
+      lists.add_tile(s0);
+    };
+
+    // Step it: S of tile it is in s_cur. The tensor cores run S of tile it + 1 (a stale stage on
+    // the last step: never scored) while the warps score tile it; the wgmma is waited for before
+    // the step ends and sits outside every branch (see range_attn_fwd_sm90.cuh).
+    // Stages: tile it + 3 goes into the stage of tile it - 1, whose S was waited for last step.
+    auto step = [&](int it, float(&s_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
+      mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      if (it + 3 < n_steps) load_tile(it + 3);
+      mma::cp_async_commit();
+      issue_s(it + 1, s_nxt);
+      score_tile(it, s_cur);
+      __syncwarp();
+      wgmma::wait<0>();
+      wgmma::fence_operands(s_nxt);
+    };
+
+    if constexpr (kPipelined) {
+      float s_a[kTileN / 2], s_b[kTileN / 2];
+      if (n_steps > 0) {
+        mma::cp_async_wait<2>();  // query rows + tile 0
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        issue_s(0, s_a);
+        wgmma::wait<0>();
+        wgmma::fence_operands(s_a);
+      }
+      for (int it = 0; it < n_steps; it += 2) {
+        step(it, s_a, s_b);
+        step(it + 1, s_b, s_a);
+      }
+    } else {
+      float s_acc[kTileN / 2];
+      for (int it = 0; it < n_tiles; ++it) {
+        mma::cp_async_wait<2>();  // tile it; tiles it + 1, it + 2 may stay in flight
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        if (it + 3 < n_tiles) load_tile(it + 3);  // the stage of tile it - 1, scored last step
+        mma::cp_async_commit();
+        issue_s(it, s_acc);
+        wgmma::wait<0>();
+        wgmma::fence_operands(s_acc);
+        score_tile(it, s_acc);
+        __syncwarp();
+      }
+    }
+    mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
+    __syncwarp();
+    lists.finish(sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head,
+                 wps.row_begin + wps.t0, sp.block_idx_stride.row);
+    __syncthreads();  // sQ, the stages and the lists are reused by the next pass
+  }
+#endif
+}
+
+// Whether the sm_90a selection kernel takes these arguments: power-of-two G <= 16, and its
+// shared memory fits.
+template <int kHeadDim>
+bool select_sm90_covers(const SelectParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  if (G < 1 || G > kRows || (G & (G - 1)) != 0) return false;
+  if (select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, SelectSm90Config<kHeadDim>::kTileN) > kSelectRing)
+    return false;
+  return SelectSm90Config<kHeadDim>::smem_bytes(G, p.top_n) <= 227 * 1024;
+}
+
+// Which variant runs. Measured on the H200 (64k, G = 16): one S buffer with two CTAs per SM
+// 14.8 ms, pipelined with one CTA 23.1 ms (sm_80: 25.4): the scalar phase is latency-bound and
+// wants the warps. So the pipelined kernel runs only where two CTAs do not fit in an SM's shared
+// memory (G = 1, long lists, large Dk), or when NSA_SELECT_SM90_PIPELINED=1 (read per launch, so
+// one process can time both).
+template <int kHeadDim>
+bool select_sm90_pipelined(const SelectParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  if (2 * (SelectSm90Config<kHeadDim>::smem_bytes(G, p.top_n) + 1024) > 228 * 1024) return true;
+  const char* v = getenv("NSA_SELECT_SM90_PIPELINED");
+  return v != nullptr && v[0] == '1';
+}
+
+template <typename T, int kHeadDim, bool kPipelined>
+Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
+  using Cfg = SelectSm90Config<kHeadDim>;
+  const int G = p.heads_q / p.heads_kv;
+  const int cta_tokens = (kRows / G) * Cfg::kWarps;
+  const index_t ctas = p.cu_seqlens ? (p.total_rows + cta_tokens - 1) / cta_tokens
+                                    : static_cast<index_t>(p.batch) * ((p.seqlen + cta_tokens - 1) / cta_tokens);
+  if (ctas == 0) return Status{};
+  if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
+  if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  const size_t smem = Cfg::smem_bytes(G, p.top_n);
+  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p);
+  e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+}  // namespace sparse_detail
+}  // namespace nsa

@@ -1,0 +1,263 @@
+// Per-warp block scores and top-n lists of the selection kernels (DESIGN.md §1.3-1.4), shared
+// by the sm_80 kernel (select_kernel.cuh, 32-key tiles) and the sm_90a one
+// (select_kernel_sm90.cuh, 64-key tiles). A warp owns the tokens of its 16 query rows; after
+// each key tile the kernel leaves the tile's P, summed over each token's heads, in
+// sP [tokens][kTileKeys] and calls add_tile():
+//   3. each (token, selection block) the tile touches gets sum_i c(i, j) P[i] over the tile's
+//      keys, ascending i, added to a per-token ring of open block sums;
+//   4. blocks whose overlapping keys are all done are finalised into a running top-n list
+//      sorted by (score desc, block asc): an equal score never displaces an earlier (lower)
+//      block, so ties go to the lower index. With up to 4 tokens per warp (G >= 4) finished
+//      blocks are collected until 32 of a token are done, and the whole warp merges those that
+//      beat the list's n-th score by rank (no serial insertion: that chain of shared-memory
+//      round trips was a quarter of the kernel's instructions on the H200); with more tokens
+//      per warp each token's lane inserts its blocks.
+// Scratch is O(n) per token in shared memory; nothing of size [T, Nc] or [T, blocks] exists.
+#pragma once
+
+#include "attention.h"
+#include "attn_cta_walk.cuh"
+
+namespace nsa {
+namespace sparse_detail {
+
+constexpr int kSelectRing = 128;  // open block sums per token (power of two)
+
+// The attention kernels' group / pass helpers (group_of, next_pass) only read the batch geometry.
+__device__ __forceinline__ AttnParams select_batch_geometry(const SelectParams& sp) {
+  AttnParams geo;
+  geo.cu_seqlens = sp.cu_seqlens;
+  geo.batch = sp.batch;
+  geo.seqlen = sp.seqlen;
+  geo.total_rows = sp.total_rows;
+  return geo;
+}
+
+// Selection blocks a token may have open at once: those touched by one tile of `tile_keys`
+// compressed keys plus the carry from the previous tile. The launchers refuse (l, d, l')
+// beyond the ring.
+__host__ __device__ inline int select_open_blocks(int l, int d, int lp, int tile_keys) {
+  return ((tile_keys - 1) * d + l - 1) / lp + 2;
+}
+
+// Inserts (s, j) into the list sorted by (score desc, block asc); j is larger than every block
+// already there, so equal scores keep the earlier (lower) block first.
+__device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int n, float s, int j) {
+  if (count == n && !(s > sc[n - 1])) return;
+  int pos = count < n ? count : n - 1;
+  while (pos > 0 && s > sc[pos - 1]) {
+    sc[pos] = sc[pos - 1];
+    id[pos] = id[pos - 1];
+    --pos;
+  }
+  sc[pos] = s;
+  id[pos] = j;
+  if (count < n) ++count;
+}
+
+// Shared memory of one warp's lists: head-summed P [tokens][kTileKeys] (f32), ring
+// [tokens][kSelectRing] (f32), top scores [tokens][2][n] (f32), top blocks [tokens][2][n]
+// (int): two buffers per token, merges write the other one. Offsets from the warp's base.
+template <int kTileKeys>
+struct SelectListLayout {
+  size_t p_off, ring_off, sc_off, id_off, end;
+  __host__ __device__ SelectListLayout(size_t base, int tokens, int n) {
+    p_off = base;
+    ring_off = p_off + static_cast<size_t>(tokens) * kTileKeys * 4;
+    sc_off = ring_off + static_cast<size_t>(tokens) * kSelectRing * 4;
+    id_off = sc_off + static_cast<size_t>(tokens) * 2 * n * 4;
+    end = id_off + static_cast<size_t>(tokens) * 2 * n * 4;
+  }
+};
+
+template <int kTileKeys>
+struct SelectWarpLists {
+  const float* sP;
+  float* ring;
+  float* top_sc;
+  int* top_id;
+  int tokens, p_begin, p_end, n, init_blocks, local_blocks, a_units, b_units, open_cap, defer, lane;
+  // State of token `lane` (lane < tokens), held by that lane.
+  int count = 0, next_final = 0, cur = 0;  // cur: which of the token's two list buffers is live
+  bool my_on;
+  index_t my_nvis;
+  int my_nvis_i, my_tblk;
+
+  // The warp's tokens are t0 + [0, tokens), of which [p_begin, p_end) are real; nc compressed
+  // keys in the sequence. Clears the ring (the caller syncs the warp before add_tile).
+  __device__ __forceinline__ SelectWarpLists(const SelectParams& sp, unsigned char* warp_base,
+                                             const SelectListLayout<kTileKeys>& lay, int tokens_, int p_begin_,
+                                             int p_end_, index_t t0, int nc, int lane_)
+      : tokens(tokens_), p_begin(p_begin_), p_end(p_end_), n(sp.top_n), init_blocks(sp.init_blocks),
+        local_blocks(sp.local_blocks), lane(lane_) {
+    sP = reinterpret_cast<const float*>(warp_base + lay.p_off);
+    ring = reinterpret_cast<float*>(warp_base + lay.ring_off);
+    top_sc = reinterpret_cast<float*>(warp_base + lay.sc_off);
+    top_id = reinterpret_cast<int*>(warp_base + lay.id_off);
+    const int l = sp.cmp_block, d = sp.cmp_stride, lp = sp.sel_block;
+    a_units = l / d;  // d divides l and l' (checked on the host)
+    b_units = lp / d;
+    open_cap = select_open_blocks(l, d, lp, kTileKeys);
+    // Finished blocks a token may keep in the ring: the open ones span at most open_cap + 31.
+    defer = open_cap + 40 <= kSelectRing ? 32 : 1;
+    for (int i = lane; i < tokens * kSelectRing; i += 32) ring[i] = 0.f;
+    my_on = lane >= p_begin && lane < p_end;
+    const index_t my_t = t0 + lane;
+    my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
+    my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
+    my_nvis_i = static_cast<int>(my_nvis);  // positions inside one sequence fit in int
+  }
+
+  __device__ __forceinline__ void finalise_until(int j_end) {
+    for (; next_final < j_end; ++next_final) {
+      const int j = next_final;
+      const bool forced = j < init_blocks || j > my_tblk - local_blocks;
+      float& slot = ring[lane * kSelectRing + (j & (kSelectRing - 1))];
+      const float s = forced ? INFINITY : slot;
+      slot = 0.f;
+      topn_insert(top_sc + lane * 2 * n, top_id + lane * 2 * n, count, n, s, j);
+    }
+  }
+
+  // The same for every token of the warp (j_end held by the token's lane; called by the whole
+  // warp). With few tokens per warp (G >= 4) one token lane inserting block after block was a
+  // serial chain of shared-memory round trips that the rest of the warp waited on. Here a
+  // token's finished blocks are left in the ring until 32 of them are done (`defer`; or the
+  // walk ends: `last`), then the lanes read 32 at a time and those that can enter the list
+  // (list not full, or score above its n-th) are merged by rank: a candidate's new position
+  // is the number of listed scores >= its own plus the candidates that beat it (higher score,
+  // or equal score and lower block); a listed entry moves down by the candidates scoring
+  // strictly higher (its block is lower). The ranks are a permutation, so the merged list is
+  // written into the token's other buffer without conflicts. Same list as inserting the
+  // blocks one by one in ascending order. NaN scores rank below every real one (-1).
+  __device__ __forceinline__ void finalise_warp(int j_end, bool last) {
+    if (tokens > 4) {
+      if (my_on) finalise_until(j_end);
+      __syncwarp();
+      return;
+    }
+    for (int tk = p_begin; tk < p_end; ++tk) {
+      const int nf = __shfl_sync(0xffffffffu, next_final, tk);
+      const int je = __shfl_sync(0xffffffffu, j_end, tk);
+      const int tb = __shfl_sync(0xffffffffu, my_tblk, tk);
+      if (je <= nf || (!last && je - nf < defer)) continue;
+      int cnt = __shfl_sync(0xffffffffu, count, tk);
+      int cb = __shfl_sync(0xffffffffu, cur, tk);
+      for (int j0 = nf; j0 < je; j0 += 32) {
+        const int j = j0 + lane;
+        const bool on = j < je;
+        float s = 0.f;
+        if (on) {
+          const bool forced = j < init_blocks || j > tb - local_blocks;
+          float& slot = ring[tk * kSelectRing + (j & (kSelectRing - 1))];
+          s = forced ? INFINITY : (slot == slot ? slot : -1.f);
+          slot = 0.f;
+        }
+        const float* old_sc = top_sc + (tk * 2 + cb) * n;
+        const int* old_id = top_id + (tk * 2 + cb) * n;
+        const float th = cnt == n ? old_sc[n - 1] : 0.f;
+        const unsigned cand = __ballot_sync(0xffffffffu, on && (cnt < n || s > th));
+        if (cand == 0u) continue;
+        float* new_sc = top_sc + (tk * 2 + (cb ^ 1)) * n;
+        int* new_id = top_id + (tk * 2 + (cb ^ 1)) * n;
+        const bool mine = (cand >> lane) & 1u;
+        int rank = 0;  // of this lane's candidate
+        for (int a = 0; a < cnt; ++a) rank += old_sc[a] >= s;
+        for (unsigned m = cand; m != 0u; m &= m - 1u) {
+          const int x = __ffs(static_cast<int>(m)) - 1;
+          const float sx = __shfl_sync(0xffffffffu, s, x);
+          rank += sx > s || (sx == s && x < lane);
+        }
+        for (int a0 = 0; a0 < cnt; a0 += 32) {  // listed entries a = a0 + lane
+          const int a = a0 + lane;
+          const float ys = a < cnt ? old_sc[a] : 0.f;
+          int down = 0;
+          for (unsigned m = cand; m != 0u; m &= m - 1u) {
+            const int x = __ffs(static_cast<int>(m)) - 1;
+            down += __shfl_sync(0xffffffffu, s, x) > ys;
+          }
+          if (a < cnt && a + down < n) {
+            new_sc[a + down] = ys;
+            new_id[a + down] = old_id[a];
+          }
+        }
+        if (mine && rank < n) {
+          new_sc[rank] = s;
+          new_id[rank] = j;
+        }
+        cnt = min(cnt + __popc(cand), n);
+        cb ^= 1;
+        __syncwarp();  // the merged list is visible to every lane of the next round
+      }
+      if (lane == tk) {
+        next_final = je;
+        count = cnt;
+        cur = cb;
+      }
+    }
+    __syncwarp();
+  }
+
+  // Steps 3 and 4 for the tile of keys [s0, s0 + kTileKeys), whose head-summed P is in sP
+  // (visible to the whole warp). Called by the whole warp.
+  __device__ __forceinline__ void add_tile(index_t s0) {
+    // Block sums: (token, block) pairs, ascending keys inside each. In units of the stride d
+    // (which divides l and l'), key i covers [i, i + a) and block j covers [j b, (j + 1) b):
+    // overlaps are integer differences, no division per key. The pairs are dealt in
+    // warp-uniform rounds so the token's lane can broadcast its geometry.
+    const int jlo = static_cast<int>(s0) / b_units;
+    const int pairs = tokens * open_cap;
+    for (int w0 = 0; w0 < pairs; w0 += 32) {
+      const int w = w0 + lane;
+      const int tok = tokens == 1 ? 0 : min(w / open_cap, tokens - 1);
+      const int j = jlo + (tokens == 1 ? w : w % open_cap);
+      const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
+      const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
+      if (w >= pairs || tok < p_begin || tok >= p_end) continue;
+      if (s0 >= nv || j > tb) continue;
+      const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
+      const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kTileKeys - 1), nv - 1);
+      float sum = 0.f;
+      for (int i = i_lo; i <= i_hi; ++i) {
+        const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
+        sum += sP[tok * kTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
+      }
+      if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
+    }
+    __syncwarp();
+    // Finalise the blocks whose keys are all done.
+    int j_end = next_final;
+    if (my_on && s0 < my_nvis) {  // 32-bit: positions inside one sequence fit in int
+      const int i_end = static_cast<int>(s0) + kTileKeys;
+      j_end = i_end >= my_nvis_i ? my_tblk + 1 : min(i_end / b_units, my_tblk + 1);
+    }
+    finalise_warp(j_end, false);
+  }
+
+  // After the last tile: finalises every block and writes each token's row in ascending block
+  // order (the lane holding listed block a writes it at its rank among the listed blocks, which
+  // are distinct); the rest of the row is -1. `out`: block_idx of the batch item and KV head,
+  // whose row `row0` + tok belongs to the warp's token tok.
+  __device__ __forceinline__ void finish(int* out, index_t row0, index_t row_stride) {
+    finalise_warp(my_on ? my_tblk + 1 : next_final, true);
+    for (int tok = p_begin; tok < p_end; ++tok) {
+      const int cnt = __shfl_sync(0xffffffffu, count, tok);
+      const int* ids = top_id + (tok * 2 + __shfl_sync(0xffffffffu, cur, tok)) * n;
+      int* row = out + (row0 + tok) * row_stride;
+      for (int a = lane; a < n; a += 32) {
+        if (a < cnt) {
+          const int x = ids[a];
+          int r = 0;
+          for (int c = 0; c < cnt; ++c) r += ids[c] < x;
+          row[r] = x;
+        } else {
+          row[a] = -1;
+        }
+      }
+    }
+    __syncwarp();
+  }
+};
+
+}  // namespace sparse_detail
+}  // namespace nsa
