@@ -5,7 +5,7 @@
 // 25% occupancy at 128 registers); a third of its instructions were the per-warp 16 x 32 score
 // products and their head sums through shared memory, a quarter the block sums, a fifth the
 // list merges. Here a CTA is the range forward's (range_attn_fwd_sm90.cuh): two warpgroups, 128
-// query rows, swizzled Q and four stages of 64 compressed keys filled by cp.async, S = Q K^T
+// query rows, swizzled Q and three stages of 64 compressed keys filled by cp.async, S = Q K^T
 // per warpgroup on one m64n64 wgmma chain. Each step issues S of the next tile before it works
 // on the current one, so the tensor cores run under the scalar phase (kPipelined; the default is
 // the one-buffer variant with two CTAs per SM, which measured faster). Per tile and warp:
@@ -30,13 +30,14 @@ struct SelectSm90Config {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsCta = kWarps * kRows;  // 64 per warpgroup: the wgmma M
   static constexpr int kTileN = 64;                // compressed keys per tile (the wgmma N)
-  static constexpr int kStages = 4;
+  static constexpr int kStages = 3;               // tile it + 2 loads while tile it is multiplied
+  static constexpr int kRing = 64;                 // open block sums per token (SelectWarpLists)
   static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
   static constexpr int kFixedBytes = kQBytes + kStages * kKBytes;  // lists of the 8 warps follow
   static_assert(kHeadDim % 64 == 0, "wgmma path: Dk in {64, 128, 192, 256}");
   __host__ __device__ static size_t list_bytes(int G, int n) {
-    return (SelectListLayout<kTileN>(0, kRows / G, n).end + 15) / 16 * 16;
+    return (SelectListLayout<kTileN, kRing>(0, kRows / G, n).end + 15) / 16 * 16;
   }
   __host__ __device__ static size_t smem_bytes(int G, int n) {
     return kFixedBytes + kWarps * list_bytes(G, n) + 1024;  // + 1024-byte alignment
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
 
   const int G = sp.heads_q / sp.heads_kv, g = blockIdx.y, n = sp.top_n;
   const int P = kRows / G;  // tokens per warp
-  const SelectListLayout<kTileN> list_lay(0, P, n);
+  const SelectListLayout<kTileN, Cfg::kRing> list_lay(0, P, n);
   unsigned char* warp_lists = smem + Cfg::kFixedBytes + warp * Cfg::list_bytes(G, n);
   float* sP = reinterpret_cast<float*>(warp_lists + list_lay.p_off);
   RowMap rm;
@@ -152,10 +153,8 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     mma::cp_async_commit();  // group: query rows + tile 0
     if (n_load > 1) load_tile(1);
     mma::cp_async_commit();
-    if (n_load > 2) load_tile(2);
-    mma::cp_async_commit();
 
-    SelectWarpLists<kTileN> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
+    SelectWarpLists<kTileN, Cfg::kRing> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
     // Rows gid, gid + 8 of the warp: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];
@@ -215,12 +214,12 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     // Step it: S of tile it is in s_cur. The tensor cores run S of tile it + 1 (a stale stage on
     // the last step: never scored) while the warps score tile it; the wgmma is waited for before
     // the step ends and sits outside every branch (see range_attn_fwd_sm90.cuh).
-    // Stages: tile it + 3 goes into the stage of tile it - 1, whose S was waited for last step.
+    // Stages: tile it + 2 goes into the stage of tile it - 1, whose S was waited for last step.
     auto step = [&](int it, float(&s_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
-      mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight
+      mma::cp_async_wait<0>();  // tile it + 1
       wgmma::fence_proxy_async();
       __syncthreads();
-      if (it + 3 < n_steps) load_tile(it + 3);
+      if (it + 2 < n_steps) load_tile(it + 2);
       mma::cp_async_commit();
       issue_s(it + 1, s_nxt);
       score_tile(it, s_cur);
@@ -232,7 +231,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     if constexpr (kPipelined) {
       float s_a[kTileN / 2], s_b[kTileN / 2];
       if (n_steps > 0) {
-        mma::cp_async_wait<2>();  // query rows + tile 0
+        mma::cp_async_wait<1>();  // query rows + tile 0
         wgmma::fence_proxy_async();
         __syncthreads();
         issue_s(0, s_a);
@@ -246,10 +245,10 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     } else {
       float s_acc[kTileN / 2];
       for (int it = 0; it < n_tiles; ++it) {
-        mma::cp_async_wait<2>();  // tile it; tiles it + 1, it + 2 may stay in flight
+        mma::cp_async_wait<1>();  // tile it; tile it + 1 may stay in flight
         wgmma::fence_proxy_async();
         __syncthreads();
-        if (it + 3 < n_tiles) load_tile(it + 3);  // the stage of tile it - 1, scored last step
+        if (it + 2 < n_tiles) load_tile(it + 2);  // the stage of tile it - 1, multiplied last step
         mma::cp_async_commit();
         issue_s(it, s_acc);
         wgmma::wait<0>();
@@ -273,7 +272,8 @@ template <int kHeadDim>
 bool select_sm90_covers(const SelectParams& p) {
   const int G = p.heads_q / p.heads_kv;
   if (G < 1 || G > kRows || (G & (G - 1)) != 0) return false;
-  if (select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, SelectSm90Config<kHeadDim>::kTileN) > kSelectRing)
+  if (select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, SelectSm90Config<kHeadDim>::kTileN) >
+      SelectSm90Config<kHeadDim>::kRing)
     return false;
   return SelectSm90Config<kHeadDim>::smem_bytes(G, p.top_n) <= 227 * 1024;
 }

@@ -21,7 +21,7 @@
 namespace nsa {
 namespace sparse_detail {
 
-constexpr int kSelectRing = 128;  // open block sums per token (power of two)
+constexpr int kSelectRing = 128;  // open block sums per token (power of two), sm_80 kernel
 
 // The attention kernels' group / pass helpers (group_of, next_pass) only read the batch geometry.
 __device__ __forceinline__ AttnParams select_batch_geometry(const SelectParams& sp) {
@@ -56,21 +56,23 @@ __device__ __forceinline__ void topn_insert(float* sc, int* id, int& count, int 
 }
 
 // Shared memory of one warp's lists: head-summed P [tokens][kTileKeys] (f32), ring
-// [tokens][kSelectRing] (f32), top scores [tokens][2][n] (f32), top blocks [tokens][2][n]
+// [tokens][kRing] (f32), top scores [tokens][2][n] (f32), top blocks [tokens][2][n]
 // (int): two buffers per token, merges write the other one. Offsets from the warp's base.
-template <int kTileKeys>
+template <int kTileKeys, int kRing>
 struct SelectListLayout {
   size_t p_off, ring_off, sc_off, id_off, end;
   __host__ __device__ SelectListLayout(size_t base, int tokens, int n) {
     p_off = base;
     ring_off = p_off + static_cast<size_t>(tokens) * kTileKeys * 4;
-    sc_off = ring_off + static_cast<size_t>(tokens) * kSelectRing * 4;
+    sc_off = ring_off + static_cast<size_t>(tokens) * kRing * 4;
     id_off = sc_off + static_cast<size_t>(tokens) * 2 * n * 4;
     end = id_off + static_cast<size_t>(tokens) * 2 * n * 4;
   }
 };
 
-template <int kTileKeys>
+// kRing: open block sums per token (a power of two); the launcher checks that the blocks one
+// tile opens fit (select_open_blocks <= kRing).
+template <int kTileKeys, int kRing>
 struct SelectWarpLists {
   const float* sP;
   float* ring;
@@ -82,11 +84,13 @@ struct SelectWarpLists {
   bool my_on;
   index_t my_nvis;
   int my_nvis_i, my_tblk;
+  // Block-sum dealing: 32 / tokens lanes per token; this lane's token and its geometry.
+  int pair_lanes, pair_tok, pair_j0, pair_nv, pair_tb;
 
   // The warp's tokens are t0 + [0, tokens), of which [p_begin, p_end) are real; nc compressed
   // keys in the sequence. Clears the ring (the caller syncs the warp before add_tile).
   __device__ __forceinline__ SelectWarpLists(const SelectParams& sp, unsigned char* warp_base,
-                                             const SelectListLayout<kTileKeys>& lay, int tokens_, int p_begin_,
+                                             const SelectListLayout<kTileKeys, kRing>& lay, int tokens_, int p_begin_,
                                              int p_end_, index_t t0, int nc, int lane_)
       : tokens(tokens_), p_begin(p_begin_), p_end(p_end_), n(sp.top_n), init_blocks(sp.init_blocks),
         local_blocks(sp.local_blocks), lane(lane_) {
@@ -99,20 +103,25 @@ struct SelectWarpLists {
     b_units = lp / d;
     open_cap = select_open_blocks(l, d, lp, kTileKeys);
     // Finished blocks a token may keep in the ring: the open ones span at most open_cap + 31.
-    defer = open_cap + 40 <= kSelectRing ? 32 : 1;
-    for (int i = lane; i < tokens * kSelectRing; i += 32) ring[i] = 0.f;
+    defer = open_cap + 40 <= kRing ? 32 : 1;
+    for (int i = lane; i < tokens * kRing; i += 32) ring[i] = 0.f;
     my_on = lane >= p_begin && lane < p_end;
     const index_t my_t = t0 + lane;
     my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
     my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
     my_nvis_i = static_cast<int>(my_nvis);  // positions inside one sequence fit in int
+    pair_lanes = 32 / tokens;
+    pair_tok = lane / pair_lanes;  // >= tokens on the 32 % tokens lanes left over: idle
+    pair_j0 = lane % pair_lanes;
+    pair_nv = __shfl_sync(0xffffffffu, my_nvis_i, min(pair_tok, tokens - 1));
+    pair_tb = __shfl_sync(0xffffffffu, my_tblk, min(pair_tok, tokens - 1));
   }
 
   __device__ __forceinline__ void finalise_until(int j_end) {
     for (; next_final < j_end; ++next_final) {
       const int j = next_final;
       const bool forced = j < init_blocks || j > my_tblk - local_blocks;
-      float& slot = ring[lane * kSelectRing + (j & (kSelectRing - 1))];
+      float& slot = ring[lane * kRing + (j & (kRing - 1))];
       const float s = forced ? INFINITY : slot;
       slot = 0.f;
       topn_insert(top_sc + lane * 2 * n, top_id + lane * 2 * n, count, n, s, j);
@@ -149,7 +158,7 @@ struct SelectWarpLists {
         float s = 0.f;
         if (on) {
           const bool forced = j < init_blocks || j > tb - local_blocks;
-          float& slot = ring[tk * kSelectRing + (j & (kSelectRing - 1))];
+          float& slot = ring[tk * kRing + (j & (kRing - 1))];
           s = forced ? INFINITY : (slot == slot ? slot : -1.f);
           slot = 0.f;
         }
@@ -163,22 +172,41 @@ struct SelectWarpLists {
         const bool mine = (cand >> lane) & 1u;
         int rank = 0;  // of this lane's candidate
         for (int a = 0; a < cnt; ++a) rank += old_sc[a] >= s;
-        for (unsigned m = cand; m != 0u; m &= m - 1u) {
-          const int x = __ffs(static_cast<int>(m)) - 1;
-          const float sx = __shfl_sync(0xffffffffu, s, x);
-          rank += sx > s || (sx == s && x < lane);
-        }
-        for (int a0 = 0; a0 < cnt; a0 += 32) {  // listed entries a = a0 + lane
-          const int a = a0 + lane;
-          const float ys = a < cnt ? old_sc[a] : 0.f;
+        if (n <= 32 && __popc(cand) > 4) {
+          // Many candidates (the first rounds, before the list is full): all 32 lanes'
+          // scores in one unrolled pass of independent shuffles, instead of a loop over the
+          // candidates whose every trip waits on the last one's shuffle.
+          const float ys = lane < cnt ? old_sc[lane] : 0.f;
           int down = 0;
+#pragma unroll
+          for (int x = 0; x < 32; ++x) {
+            const float sx = __shfl_sync(0xffffffffu, s, x);
+            const bool cx = (cand >> x) & 1u;
+            rank += cx && (sx > s || (sx == s && x < lane));
+            down += cx && sx > ys;
+          }
+          if (lane < cnt && lane + down < n) {
+            new_sc[lane + down] = ys;
+            new_id[lane + down] = old_id[lane];
+          }
+        } else {
           for (unsigned m = cand; m != 0u; m &= m - 1u) {
             const int x = __ffs(static_cast<int>(m)) - 1;
-            down += __shfl_sync(0xffffffffu, s, x) > ys;
+            const float sx = __shfl_sync(0xffffffffu, s, x);
+            rank += sx > s || (sx == s && x < lane);
           }
-          if (a < cnt && a + down < n) {
-            new_sc[a + down] = ys;
-            new_id[a + down] = old_id[a];
+          for (int a0 = 0; a0 < cnt; a0 += 32) {  // listed entries a = a0 + lane
+            const int a = a0 + lane;
+            const float ys = a < cnt ? old_sc[a] : 0.f;
+            int down = 0;
+            for (unsigned m = cand; m != 0u; m &= m - 1u) {
+              const int x = __ffs(static_cast<int>(m)) - 1;
+              down += __shfl_sync(0xffffffffu, s, x) > ys;
+            }
+            if (a < cnt && a + down < n) {
+              new_sc[a + down] = ys;
+              new_id[a + down] = old_id[a];
+            }
           }
         }
         if (mine && rank < n) {
@@ -203,26 +231,21 @@ struct SelectWarpLists {
   __device__ __forceinline__ void add_tile(index_t s0) {
     // Block sums: (token, block) pairs, ascending keys inside each. In units of the stride d
     // (which divides l and l'), key i covers [i, i + a) and block j covers [j b, (j + 1) b):
-    // overlaps are integer differences, no division per key. The pairs are dealt in
-    // warp-uniform rounds so the token's lane can broadcast its geometry.
+    // overlaps are integer differences, no division per key. Lane `lane` serves token
+    // pair_tok, blocks jlo + pair_j0 + r * pair_lanes (fixed per pass: no division per pair).
     const int jlo = static_cast<int>(s0) / b_units;
-    const int pairs = tokens * open_cap;
-    for (int w0 = 0; w0 < pairs; w0 += 32) {
-      const int w = w0 + lane;
-      const int tok = tokens == 1 ? 0 : min(w / open_cap, tokens - 1);
-      const int j = jlo + (tokens == 1 ? w : w % open_cap);
-      const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
-      const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
-      if (w >= pairs || tok < p_begin || tok >= p_end) continue;
-      if (s0 >= nv || j > tb) continue;
+    const bool pair_live = pair_tok >= p_begin && pair_tok < p_end && s0 < pair_nv;
+    for (int jj = pair_j0; jj < open_cap; jj += pair_lanes) {
+      const int j = jlo + jj;
+      if (!pair_live || j > pair_tb) continue;
       const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
-      const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kTileKeys - 1), nv - 1);
+      const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kTileKeys - 1), pair_nv - 1);
       float sum = 0.f;
       for (int i = i_lo; i <= i_hi; ++i) {
         const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
-        sum += sP[tok * kTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
+        sum += sP[pair_tok * kTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
       }
-      if (i_lo <= i_hi) ring[tok * kSelectRing + (j & (kSelectRing - 1))] += sum;
+      if (i_lo <= i_hi) ring[pair_tok * kRing + (j & (kRing - 1))] += sum;
     }
     __syncwarp();
     // Finalise the blocks whose keys are all done.
