@@ -74,6 +74,9 @@ def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, w
             r = (torch.rand(*rows, H, top_n, device="cuda") * nblk_row).long()
             r = torch.where(torch.rand(*rows, H, top_n, device="cuda") < 0.8, r, 1 << 30).sort(-1).values
             block_idx = torch.where(r == 1 << 30, -1, r).int()
+            if idx_kind == "mixed":  # padded only: first half of each sequence shares lists per 16 tokens
+                t = torch.arange(shape[-1], device="cuda")
+                block_idx = block_idx[:, torch.where(t < shape[-1] // 2, t // 16 * 16, t)]
     o_shape = (*q.shape[:-1], Dv)
     poison_cuda_cache((o_shape, dtype), (tuple(q.shape[:-1]), torch.float32))
 
@@ -152,6 +155,27 @@ def test_group_sizes(mode, G):
 @pytest.mark.parametrize("idx_kind", ["random", "real"])
 def test_selected_block_sizes(sel_block, idx_kind):
     run_case("sel", (2, 333), 2, 4, 64, 64, torch.bfloat16, sel_block=sel_block, top_n=5, idx_kind=idx_kind)
+
+
+@pytest.mark.parametrize("G", [1, 4, 16, 32])
+def test_selected_adaptive_width(G, monkeypatch):
+    """The selected forward picks its CTA width per group of tokens on the GPU: the 4-warp union
+    walk where neighbouring tokens share blocks, 2-warp CTAs where they do not. Lists shared by 16
+    neighbours in the first half of each sequence and independent (4 of 47 blocks) in the second
+    run both launches in one call; the output matches the reference and, bitwise, every forced
+    width (NSA_SEL_FWD_WARPS)."""
+    run_case("sel", (2, 3000), 2, G, 64, 64, torch.bfloat16, top_n=4, idx_kind="mixed", grad=False)
+    q = torch.randn(2, 3000, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16)
+    t = torch.arange(3000, device="cuda")
+    idx = (torch.rand(2, 3000, 2, 4, device="cuda") * (t[None, :, None, None] // 64 + 1)).int().sort(-1).values
+    idx = idx[:, torch.where(t < 1500, t // 16 * 16, t)]
+    o, lse = nsa_cuda.selected_attention(q, k, v, idx)
+    for w in ("4", "2", "1") if G >= 16 else ("4", "2"):
+        monkeypatch.setenv("NSA_SEL_FWD_WARPS", w)
+        o_w, lse_w = nsa_cuda.selected_attention(q, k, v, idx)
+        assert torch.equal(o, o_w) and torch.equal(lse, lse_w), f"width {w} differs from the adaptive forward"
 
 
 @pytest.mark.parametrize("window", [1, 17, 512])

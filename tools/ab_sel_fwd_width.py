@@ -1,5 +1,6 @@
-"""A/B of the selected-block forward's CTA width (NSA_SEL_FWD_WARPS = 4, 2, 1; the launcher reads
-it per launch, so one process times all widths) on lists shared by 16 neighbouring tokens and on
+"""A/B of the selected-block forward's CTA width (NSA_SEL_FWD_WARPS = 4, 2, 1, and "auto": unset,
+the default that picks 4 or 2 per group of tokens on the GPU; the launcher reads it per launch, so
+one process times all widths) on lists shared by 16 neighbouring tokens and on
 independent lists, G = 16 and G = 4, T = 16k and 64k; checks that all widths give the same output.
 
     python tools/ab_sel_fwd_width.py      # on a GPU, from the repository root
@@ -28,8 +29,11 @@ def main() -> None:
             for kind, redraw in (("shared", 16), ("independent", 1)):
                 idx = make_block_idx(T, H, N, LP, redraw=redraw)
                 res = {}
-                for w in (("4", "2", "1") if HQ // H >= 16 else ("4", "2")):
-                    os.environ["NSA_SEL_FWD_WARPS"] = w
+                for w in (("4", "2", "1", "auto") if HQ // H >= 16 else ("4", "2", "auto")):
+                    if w == "auto":  # the default: width picked per group of tokens on the GPU
+                        os.environ.pop("NSA_SEL_FWD_WARPS", None)
+                    else:
+                        os.environ["NSA_SEL_FWD_WARPS"] = w
 
                     def f():
                         return nsa_cuda.selected_attention(q, k, v, idx, sel_block=LP)[0]

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
@@ -15,14 +16,74 @@ namespace nsa {
 // Dv that goes with each compiled Dk (DESIGN §1: Dk = Dv, or Dk = 192 with Dv = 128).
 constexpr int value_dim_for(int dk) { return dk == 192 ? 128 : dk; }
 
+namespace {
+
+// AttnParams::sel_group_flags: one warp per (4-warp CTA group, KV head) compares each token's
+// list with the previous token's (any order; -1 entries skipped) and flags the group as sharing
+// when at least half of the listed blocks repeat. Random queries give ~3 of 16 (the forced
+// blocks), trained models' neighbours most of them; either width gives the same output, so this
+// only decides speed.
+__global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p) {
+  const int group_tokens = sparse_detail::sel_flag_group_tokens(p);
+  const int g = blockIdx.y, lane = threadIdx.x;
+  sparse_detail::Group gr;
+  if (!sparse_detail::group_of(p, group_tokens, blockIdx.x, gr)) return;
+  const bool packed = p.cu_seqlens != nullptr;
+  const index_t n_rows = packed ? p.total_rows : p.seqlen;
+  const int rows = static_cast<int>(min(static_cast<index_t>(group_tokens), n_rows - gr.row0));
+  const int* base = p.block_idx + (packed ? 0 : gr.b * p.block_idx_stride.batch) +
+                    static_cast<index_t>(g) * p.block_idx_stride.head + gr.row0 * p.block_idx_stride.row;
+  int repeated = 0, listed = 0;
+  for (int r = 1; r < rows; ++r) {
+    const int* cur = base + r * p.block_idx_stride.row;
+    const int* prev = cur - p.block_idx_stride.row;
+    for (int i0 = 0; i0 < p.top_n; i0 += 32) {
+      const int a = i0 + lane < p.top_n ? __ldg(cur + i0 + lane) : -1;
+      bool seen = false;
+      for (int k = 0; k < p.top_n; ++k) seen |= __ldg(prev + k) == a;
+      repeated += __popc(__ballot_sync(0xffffffffu, a >= 0 && seen));
+      listed += __popc(__ballot_sync(0xffffffffu, a >= 0));
+    }
+  }
+  if (lane == 0) p.sel_group_flags[blockIdx.x * p.heads_kv + g] = 2 * repeated >= listed ? 1 : 0;
+}
+
+}  // namespace
+
+size_t sparse_attn_fwd_workspace_bytes(const AttnParams& p) {
+  if (p.mode != AttnMode::kSelected || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return 0;
+  return static_cast<size_t>(sparse_detail::cta_groups(p, sparse_detail::sel_flag_group_tokens(p))) * p.heads_kv;
+}
+
 Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t stream) {
   if (p.head_dim_v != value_dim_for(p.head_dim_qk))
     return Status{2, "head dims (Dk, Dv) must be (64,64), (128,128), (192,128) or (256,256) on CUDA"};
-  return NSA_DTYPE_SWITCH(dtype, T, [&] {
-    return NSA_HEADDIM_SWITCH(p.head_dim_qk, kHeadDim, [&] {
-      return run_sparse_attn_fwd<T, kHeadDim, value_dim_for(kHeadDim)>(p, stream);
+  auto run = [&](const AttnParams& pp) {
+    return NSA_DTYPE_SWITCH(dtype, T, [&] {
+      return NSA_HEADDIM_SWITCH(pp.head_dim_qk, kHeadDim, [&] {
+        return run_sparse_attn_fwd<T, kHeadDim, value_dim_for(kHeadDim)>(pp, stream);
+      });
     });
-  });
+  };
+  const char* forced = getenv("NSA_SEL_FWD_WARPS");
+  const index_t groups = sparse_attn_fwd_workspace_bytes(p) / (p.heads_kv > 0 ? p.heads_kv : 1);
+  if (p.mode != AttnMode::kSelected || p.sel_group_flags == nullptr || (forced != nullptr && forced[0] != '\0') ||
+      groups == 0 || p.top_n <= 0) {
+    AttnParams one = p;
+    one.sel_group_want = -1;
+    return run(one);
+  }
+  if (groups > 0x7fffffff || p.heads_kv > 65535) return Status{2, "too many tokens or KV heads for one launch"};
+  sel_group_flags_kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(p.heads_kv)), 32, 0, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  for (int want : {1, 0}) {
+    AttnParams part = p;
+    part.sel_group_want = want;
+    const Status st = run(part);
+    if (!st.ok()) return st;
+  }
+  return Status{};
 }
 
 namespace {

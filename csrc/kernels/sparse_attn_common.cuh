@@ -66,6 +66,26 @@ __device__ __forceinline__ bool group_of(const AttnParams& p, int tokens, index_
   return gr.row0 < p.total_rows;
 }
 
+// CTA groups of `tokens` consecutive tokens: the grid x of the attention kernels.
+__host__ __device__ inline index_t cta_groups(const AttnParams& p, int tokens) {
+  return p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
+                      : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+}
+
+// Tokens of one group of AttnParams::sel_group_flags: a CTA of the selected forward's 4-warp walk.
+__host__ __device__ inline int sel_flag_group_tokens(const AttnParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  return (G >= kRows ? 1 : kRows / G) * 4;
+}
+
+// The flag group of CTA `item` of a grid of `tokens`-token CTAs (tokens divides the group's).
+__device__ __forceinline__ index_t sel_flag_group(const AttnParams& p, int tokens, index_t item) {
+  const int group_tokens = sel_flag_group_tokens(p);
+  if (p.cu_seqlens != nullptr) return item * tokens / group_tokens;
+  const index_t per_b = (p.seqlen + tokens - 1) / tokens, per_b_group = (p.seqlen + group_tokens - 1) / group_tokens;
+  return item / per_b * per_b_group + item % per_b * tokens / group_tokens;
+}
+
 // The positions [t0 + p_begin, t0 + p_end) of a group that lie in one sequence (a packed group
 // can straddle sequences) and, when split > 0, in one aligned span of `split` positions.
 struct Pass {

@@ -45,8 +45,10 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.mode == AttnMode::kWindow)
     return sparse_detail::run_range_attn_fwd_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, stream);
   const int G = p.heads_q / p.heads_kv;
-  const char* warps = getenv("NSA_SEL_FWD_WARPS");  // A/B switch while measuring: 1 (G >= 16), 2, 4
-  const int w = warps != nullptr ? atoi(warps) : 4;
+  // Width: NSA_SEL_FWD_WARPS (1 (G >= 16), 2 or 4) forces one for every group; otherwise the
+  // launch for flag 0 (tokens that do not share blocks) runs 2-warp CTAs, the rest 4.
+  const char* warps = getenv("NSA_SEL_FWD_WARPS");
+  const int w = warps != nullptr && warps[0] != '\0' ? atoi(warps) : (p.sel_group_want == 0 ? 2 : 4);
   if (w == 1 && G >= sparse_detail::kRows) return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 1>(p, stream);
   if (w == 2) return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 2>(p, stream);
   return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 4>(p, stream);

@@ -806,6 +806,10 @@ std::tuple<Tensor, Tensor> sparse_fwd_cuda(const char* op, nsa::AttnMode mode, c
   p.o = o.data_ptr();
   p.o_stride = strides3(o);
   p.lse = lse.data_ptr<float>();
+  // Selected branch: per group of tokens, whether they share blocks (picks the CTA width on the GPU).
+  const size_t ws_bytes = nsa::sparse_attn_fwd_workspace_bytes(p);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+  p.sel_group_flags = ws_bytes ? static_cast<unsigned char*>(ws.data_ptr()) : nullptr;
   const nsa::Status st =
       nsa::sparse_attn_fwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
   check_kernel_status(st, op);
