@@ -159,23 +159,31 @@ def test_selected_block_sizes(sel_block, idx_kind):
 
 @pytest.mark.parametrize("G", [1, 4, 16, 32])
 def test_selected_adaptive_width(G, monkeypatch):
-    """The selected forward picks its CTA width per group of tokens on the GPU: the 4-warp union
-    walk where neighbouring tokens share blocks, 2-warp CTAs where they do not. Lists shared by 16
-    neighbours in the first half of each sequence and independent (4 of 47 blocks) in the second
-    run both launches in one call; the output matches the reference and, bitwise, every forced
-    width (NSA_SEL_FWD_WARPS)."""
-    run_case("sel", (2, 3000), 2, G, 64, 64, torch.bfloat16, top_n=4, idx_kind="mixed", grad=False)
-    q = torch.randn(2, 3000, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16)
+    """The selected forward and dQ pick their CTA width per group of tokens on the GPU: the 4-warp
+    union walk where neighbouring tokens share blocks, 2-warp (2-row-group) CTAs where they do not.
+    Lists shared by 16 neighbours in the first half of each sequence and independent (4 of 47
+    blocks) in the second run both launches in one call; outputs and gradients match the
+    reference and, bitwise, every forced width (NSA_SEL_FWD_WARPS, NSA_SEL_DQ_WARPS)."""
+    run_case("sel", (2, 3000), 2, G, 64, 64, torch.bfloat16, top_n=4, idx_kind="mixed")
+    q = torch.randn(2, 3000, 2 * G, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 3000, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.arange(3000, device="cuda")
     idx = (torch.rand(2, 3000, 2, 4, device="cuda") * (t[None, :, None, None] // 64 + 1)).int().sort(-1).values
     idx = idx[:, torch.where(t < 1500, t // 16 * 16, t)]
-    o, lse = nsa_cuda.selected_attention(q, k, v, idx)
-    for w in ("4", "2", "1") if G >= 16 else ("4", "2"):
-        monkeypatch.setenv("NSA_SEL_FWD_WARPS", w)
-        o_w, lse_w = nsa_cuda.selected_attention(q, k, v, idx)
-        assert torch.equal(o, o_w) and torch.equal(lse, lse_w), f"width {w} differs from the adaptive forward"
+    do = torch.randn(2, 3000, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        o, lse = nsa_cuda.selected_attention(q, k, v, idx)
+        return (o, lse) + torch.autograd.grad(o, (q, k, v), do)
+
+    ref = run()
+    for name, w in [("NSA_SEL_FWD_WARPS", w) for w in (("4", "2", "1") if G >= 16 else ("4", "2"))] + \
+                   [("NSA_SEL_DQ_WARPS", "4"), ("NSA_SEL_DQ_WARPS", "2")]:
+        monkeypatch.setenv(name, w)
+        for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), ref, run()):
+            assert torch.equal(a, b), f"{label} with {name}={w} differs from the adaptive widths"
+        monkeypatch.delenv(name)
 
 
 @pytest.mark.parametrize("window", [1, 17, 512])

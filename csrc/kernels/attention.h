@@ -44,9 +44,10 @@ struct AttnParams {
   // selected branch
   const int* block_idx = nullptr;  Strides3 block_idx_stride;
   int top_n = 0, sel_block = 64;
-  // Selected forward: per CTA group of the 4-warp walk and KV head, whether its tokens' lists
-  // overlap (1: one walk over their union) or not (0: two-warp CTAs); sparse_attn_fwd_cuda fills
-  // it when given sparse_attn_fwd_workspace_bytes(p) bytes here. nullptr: 4-warp CTAs throughout.
+  // Selected forward and dQ: per CTA group of the 4-warp walk and KV head, whether its tokens'
+  // lists overlap (1: one walk over their union) or not (0: two-warp CTAs); sparse_attn_fwd_cuda /
+  // sparse_attn_bwd_cuda fill it when given sel_group_flags_bytes(p) bytes here. nullptr: 4-warp
+  // CTAs throughout.
   unsigned char* sel_group_flags = nullptr;
   int sel_group_want = -1;  // the flag value one launch handles (-1: every group)
   // window branch

@@ -19,10 +19,12 @@
 namespace nsa {
 namespace sparse_detail {
 
-template <int kHeadDim, int kHeadDimV>
+template <int kHeadDim, int kHeadDimV, int kRowGroups_ = 4>
 struct DqConfig {
   static constexpr int kDimQK = kHeadDim, kDimV = kHeadDimV;
-  static constexpr int kRowGroups = 4;  // 16-row groups per CTA (the forward's 4 warps)
+  // 16-row groups per CTA: the forward's 4 warps, or 2 for the selected walk's groups of tokens
+  // that do not share blocks (AttnParams::sel_group_flags, as the forward).
+  static constexpr int kRowGroups = kRowGroups_;
   // D = 256: a 16 x 256 fp32 accumulator is 128 registers per thread on top of S, dP and the
   // fragments; ptxas spilled the first version's. Two warps per row group instead, each
   // accumulating half of the dQ columns (as D = 128); both compute the group's S and dP
@@ -214,9 +216,9 @@ __device__ __forceinline__ void range_dq(const AttnBwdParams& p, unsigned char* 
 
 // ---------------------------------------------------------------------------------------------
 // Selected blocks: sparse_attn_fwd_kernel.cuh's union-of-blocks walk.
-template <typename T, int kHeadDim, int kHeadDimV>
+template <typename T, int kHeadDim, int kHeadDimV, int kRowGroups>
 __device__ __forceinline__ void sel_dq(const AttnBwdParams& p, unsigned char* smem_raw) {
-  using Cfg = DqConfig<kHeadDim, kHeadDimV>;
+  using Cfg = DqConfig<kHeadDim, kHeadDimV, kRowGroups>;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane >> 2, tig = lane & 3;
   const int rgrp = warp % Cfg::kRowGroups, half = warp / Cfg::kRowGroups;
@@ -230,6 +232,10 @@ __device__ __forceinline__ void sel_dq(const AttnBwdParams& p, unsigned char* sm
   const int P = rm.tokens, cta_tokens = P * Cfg::kRowGroups;
   Group gr;
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  // Adaptive width: this launch handles the groups whose flag it wants (uniform over the CTA).
+  if (p.sel_group_want >= 0 && p.sel_group_flags != nullptr &&
+      p.sel_group_flags[sel_flag_group(p, cta_tokens, blockIdx.x) * p.heads_kv + rm.g] != p.sel_group_want)
+    return;
   const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
 

@@ -15,11 +15,12 @@ namespace nsa {
 
 // o, lse of the selected or window branch. Head dims (Dk, Dv) in {(64,64), (128,128), (192,128),
 // (256,256)}; sel_block a multiple of 32. Enqueues on `stream`, never synchronises. With
-// p.sel_group_flags (sparse_attn_fwd_workspace_bytes(p) bytes) the selected branch picks its CTA
+// p.sel_group_flags (sel_group_flags_bytes(p) bytes of scratch) the selected branch picks its CTA
 // width per group of tokens on the GPU: the union walk where neighbours share blocks, two-warp
-// CTAs where they do not (NSA_SEL_FWD_WARPS=4|2|1 forces one width).
+// CTAs where they do not (NSA_SEL_FWD_WARPS=4|2|1 forces one width). The backward's dQ does the
+// same with the same scratch (NSA_SEL_DQ_WARPS=4|2 forces one).
 Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t stream);
-size_t sparse_attn_fwd_workspace_bytes(const AttnParams& p);
+size_t sel_group_flags_bytes(const AttnParams& p);
 
 template <typename T, int kHeadDim, int kHeadDimV>
 Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream);

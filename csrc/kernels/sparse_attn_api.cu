@@ -50,10 +50,30 @@ __global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p)
 
 }  // namespace
 
-size_t sparse_attn_fwd_workspace_bytes(const AttnParams& p) {
+size_t sel_group_flags_bytes(const AttnParams& p) {
   if (p.mode != AttnMode::kSelected || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return 0;
   return static_cast<size_t>(sparse_detail::cta_groups(p, sparse_detail::sel_flag_group_tokens(p))) * p.heads_kv;
 }
+
+namespace {
+
+// Whether the selected walk of this call picks its width per group of tokens: it has the flags'
+// memory and the width is not forced by `env` (an A/B switch read per call).
+bool sel_width_adaptive(const AttnParams& p, const char* env) {
+  const char* forced = getenv(env);
+  return p.mode == AttnMode::kSelected && p.sel_group_flags != nullptr && p.top_n > 0 &&
+         sel_group_flags_bytes(p) > 0 && !(forced != nullptr && forced[0] != '\0');
+}
+
+Status fill_sel_group_flags(const AttnParams& p, cudaStream_t stream) {
+  const index_t groups = static_cast<index_t>(sel_group_flags_bytes(p)) / p.heads_kv;
+  if (groups > 0x7fffffff || p.heads_kv > 65535) return Status{2, "too many tokens or KV heads for one launch"};
+  sel_group_flags_kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(p.heads_kv)), 32, 0, stream>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+}  // namespace
 
 Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t stream) {
   if (p.head_dim_v != value_dim_for(p.head_dim_qk))
@@ -65,23 +85,18 @@ Status sparse_attn_fwd_cuda(const AttnParams& p, DType dtype, cudaStream_t strea
       });
     });
   };
-  const char* forced = getenv("NSA_SEL_FWD_WARPS");
-  const index_t groups = sparse_attn_fwd_workspace_bytes(p) / (p.heads_kv > 0 ? p.heads_kv : 1);
-  if (p.mode != AttnMode::kSelected || p.sel_group_flags == nullptr || (forced != nullptr && forced[0] != '\0') ||
-      groups == 0 || p.top_n <= 0) {
+  if (!sel_width_adaptive(p, "NSA_SEL_FWD_WARPS")) {
     AttnParams one = p;
     one.sel_group_want = -1;
     return run(one);
   }
-  if (groups > 0x7fffffff || p.heads_kv > 65535) return Status{2, "too many tokens or KV heads for one launch"};
-  sel_group_flags_kernel<<<dim3(static_cast<unsigned>(groups), static_cast<unsigned>(p.heads_kv)), 32, 0, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+  const Status st = fill_sel_group_flags(p, stream);
+  if (!st.ok()) return st;
   for (int want : {1, 0}) {
     AttnParams part = p;
     part.sel_group_want = want;
-    const Status st = run(part);
-    if (!st.ok()) return st;
+    const Status sp = run(part);
+    if (!sp.ok()) return sp;
   }
   return Status{};
 }
@@ -250,9 +265,18 @@ Status sparse_attn_bwd_cuda(const AttnBwdParams& p, DType dtype, cudaStream_t st
     sorted_keys = keys_out;
     sorted_tokens = toks_out;
   }
+  // dQ of the selected walk: per-group widths as the forward (run_sparse_attn_bwd reads the flags).
+  AttnBwdParams pq = p;
+  pq.sel_group_want = -1;
+  if (sel_width_adaptive(p, "NSA_SEL_DQ_WARPS")) {
+    const Status st = fill_sel_group_flags(p, stream);
+    if (!st.ok()) return st;
+  } else {
+    pq.sel_group_flags = nullptr;
+  }
   return NSA_DTYPE_SWITCH(dtype, T, [&] {
-    return NSA_HEADDIM_SWITCH(p.head_dim_qk, kHeadDim, [&] {
-      return run_sparse_attn_bwd<T, kHeadDim, value_dim_for(kHeadDim)>(p, sorted_keys, sorted_tokens, n, stream);
+    return NSA_HEADDIM_SWITCH(pq.head_dim_qk, kHeadDim, [&] {
+      return run_sparse_attn_bwd<T, kHeadDim, value_dim_for(kHeadDim)>(pq, sorted_keys, sorted_tokens, n, stream);
     });
   });
 }

@@ -24,11 +24,12 @@ namespace sparse_detail {
 // ---------------------------------------------------------------------------------------------
 // dQ (attn_bwd_dq.cuh): the forward's CTA walks. Selected blocks here; the window's contiguous
 // key ranges in the kernel after it.
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(DqConfig<kHeadDim, kHeadDimV>::kThreads, DqConfig<kHeadDim, kHeadDimV>::kMinCtasPerSm)
+template <typename T, int kHeadDim, int kHeadDimV, int kRowGroups>
+__global__ void __launch_bounds__(DqConfig<kHeadDim, kHeadDimV, kRowGroups>::kThreads,
+                                  DqConfig<kHeadDim, kHeadDimV, kRowGroups>::kMinCtasPerSm)
     sparse_attn_bwd_dq_kernel(const AttnBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  sel_dq<T, kHeadDim, kHeadDimV>(p, smem_raw);
+  sel_dq<T, kHeadDim, kHeadDimV, kRowGroups>(p, smem_raw);
 }
 
 template <typename T, int kHeadDim, int kHeadDimV>

@@ -8,6 +8,9 @@
 #include "range_attn_bwd_dq_sm90.cuh"
 #include "sparse_attn_bwd_kernel.cuh"
 
+#include <cstdlib>
+#include <type_traits>
+
 namespace nsa {
 
 template <typename T, int kHeadDim, int kHeadDimV>
@@ -23,12 +26,36 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
   if (static_cast<index_t>(p.heads_kv) * chunks > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
 
   // dQ: one CTA per group of consecutive tokens (attn_bwd_dq.cuh).
-  Status st = p.mode == AttnMode::kWindow
-                  ? sparse_detail::launch_range_dq_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(
-                        sparse_detail::sparse_attn_bwd_dq_window_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads,
-                        Cfg::kRangeSmemBytes, dq_ctas, p, stream)
-                  : sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV>,
-                                             Cfg::kThreads, Cfg::kSelSmemBytes, dq_ctas, p, stream);
+  Status st;
+  if (p.mode == AttnMode::kWindow) {
+    st = sparse_detail::launch_range_dq_best<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(
+        sparse_detail::sparse_attn_bwd_dq_window_kernel<T, kHeadDim, kHeadDimV>, Cfg::kThreads, Cfg::kRangeSmemBytes,
+        dq_ctas, p, stream);
+  } else {
+    // Selected: with p.sel_group_flags (filled by sparse_attn_bwd_cuda) groups of tokens that
+    // share blocks run 4 row groups per CTA and the others 2, as the forward; without it one
+    // width for all, NSA_SEL_DQ_WARPS = 2 or 4 (default).
+    auto launch_sel_dq = [&](auto row_groups, const AttnBwdParams& pp) {
+      constexpr int kGroups = decltype(row_groups)::value;
+      using C = sparse_detail::DqConfig<kHeadDim, kHeadDimV, kGroups>;
+      return sparse_detail::launch_dq(sparse_detail::sparse_attn_bwd_dq_kernel<T, kHeadDim, kHeadDimV, kGroups>,
+                                      C::kThreads, C::kSelSmemBytes, sparse_detail::dq_ctas<kGroups>(pp), pp, stream);
+    };
+    using Four = std::integral_constant<int, 4>;
+    using Two = std::integral_constant<int, 2>;
+    if (p.sel_group_flags == nullptr) {
+      const char* forced = getenv("NSA_SEL_DQ_WARPS");
+      AttnBwdParams one = p;
+      one.sel_group_want = -1;
+      st = forced != nullptr && atoi(forced) == 2 ? launch_sel_dq(Two{}, one) : launch_sel_dq(Four{}, one);
+    } else {
+      AttnBwdParams shared = p, independent = p;
+      shared.sel_group_want = 1;
+      independent.sel_group_want = 0;
+      st = launch_sel_dq(Four{}, shared);
+      if (st.ok()) st = launch_sel_dq(Two{}, independent);
+    }
+  }
   if (!st.ok()) return st;
   cudaError_t e;
 

@@ -807,9 +807,9 @@ std::tuple<Tensor, Tensor> sparse_fwd_cuda(const char* op, nsa::AttnMode mode, c
   p.o_stride = strides3(o);
   p.lse = lse.data_ptr<float>();
   // Selected branch: per group of tokens, whether they share blocks (picks the CTA width on the GPU).
-  const size_t ws_bytes = nsa::sparse_attn_fwd_workspace_bytes(p);
-  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
-  p.sel_group_flags = ws_bytes ? static_cast<unsigned char*>(ws.data_ptr()) : nullptr;
+  const size_t flag_bytes = nsa::sel_group_flags_bytes(p);
+  Tensor flags = at::empty({static_cast<int64_t>(flag_bytes)}, q.options().dtype(at::kByte));
+  p.sel_group_flags = flag_bytes ? static_cast<unsigned char*>(flags.data_ptr()) : nullptr;
   const nsa::Status st =
       nsa::sparse_attn_fwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
   check_kernel_status(st, op);
@@ -859,6 +859,9 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
   const size_t ws_bytes = nsa::sparse_attn_bwd_workspace_bytes(p);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
   p.workspace = ws_bytes ? ws.data_ptr() : nullptr;
+  const size_t flag_bytes = nsa::sel_group_flags_bytes(p);  // dQ width per group of tokens
+  Tensor flags = at::empty({static_cast<int64_t>(flag_bytes)}, q.options().dtype(at::kByte));
+  p.sel_group_flags = flag_bytes ? static_cast<unsigned char*>(flags.data_ptr()) : nullptr;
   const nsa::Status st =
       nsa::sparse_attn_bwd_cuda(p, nsa_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
   check_kernel_status(st, op);
