@@ -1,4 +1,6 @@
 """Small cases of every CUDA kernel, run under compute-sanitizer by tools/gpu_check.sh --sanitize."""
+import os
+
 import torch
 
 import nsa_cuda
@@ -47,6 +49,7 @@ def main() -> None:
         o, lse = nsa_cuda.compressed_attention(qp, kp, kp)
         nsa_cuda.select_blocks(qp, kp, lse, top_n=2)
     wide_head_dims(lens, cu)
+    selection_variants_and_widths()
     torch.cuda.synchronize()
     print("sanitize cases done")
     # decode: one step against a cache, ragged lengths (incl. 0, < cmp_block, more blocks than
@@ -62,6 +65,33 @@ def main() -> None:
                             window=64)
     torch.cuda.synchronize()
     print("decode sanitize cases done")
+
+
+def selection_variants_and_widths() -> None:
+    """The sm_90a selection in both variants (NSA_SELECT_SM90_PIPELINED; G = 1 and 2 run the
+    pipelined one anyway) over several 64-key tiles, and the selected forward / dQ with lists
+    shared by 16 neighbours in the first half and independent in the second, so both CTA widths
+    run in one call; padded and packed."""
+    T = 1500
+    t = torch.arange(T, device="cuda")
+    cu = torch.tensor([0, 1, 700, 1500, 3000], dtype=torch.int32, device="cuda")
+    for pipelined in ("1", "0"):
+        os.environ["NSA_SELECT_SM90_PIPELINED"] = pipelined
+        for G in (1, 2, 4, 16):
+            q = torch.randn(2 * T, 2 * G, 64, device="cuda", dtype=torch.bfloat16)
+            kc = nsa_cuda.compress(torch.randn(2 * T, 2, 64, device="cuda", dtype=torch.bfloat16), cu_seqlens=cu)
+            nsa_cuda.select_blocks(q, kc, nsa_cuda.compressed_attention(q, kc, kc, cu_seqlens=cu)[1], cu_seqlens=cu,
+                                   top_n=5)
+    os.environ.pop("NSA_SELECT_SM90_PIPELINED", None)
+    for G in (1, 4, 16):
+        q = torch.randn(2, T, 2 * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, T, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        idx = (torch.rand(2, T, 2, 4, device="cuda") * (t[None, :, None, None] // 64 + 1)).int().sort(-1).values
+        idx = idx[:, torch.where(t < T // 2, t // 16 * 16, t)]
+        nsa_cuda.selected_attention(q, k, k, idx)[0].float().sum().backward()
+        o = nsa_cuda.selected_attention(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1),
+                                        idx.flatten(0, 1).clamp(max=10), cu_seqlens=cu)[0]
+        o.float().sum().backward()
 
 
 def wide_head_dims(lens, cu, device="cuda") -> None:
