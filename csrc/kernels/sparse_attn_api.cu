@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p)
       listed += __popc(__ballot_sync(0xffffffffu, a >= 0));
     }
   }
-  if (lane == 0) p.sel_group_flags[blockIdx.x * p.heads_kv + g] = 2 * repeated >= listed ? 1 : 0;
+  if (lane == 0) p.sel_group_flags[static_cast<index_t>(blockIdx.x) * p.heads_kv + g] = 2 * repeated >= listed ? 1 : 0;
 }
 
 }  // namespace
