@@ -110,6 +110,9 @@ bool check(const Problem& pr, const char* name) {
   BENCH_CHECK(cudaMemset(o, 0xff, total * HQ * pr.D * 2));  // NaN poison
   BENCH_CHECK(cudaMalloc(&lse, total * HQ * 4));
   nsa::AttnBwdParams p = make_params(pr, cu, total, q.dev, k.dev, v.dev, o, lse, bi);
+  unsigned char* flags = nullptr;  // the selected walk's width per group of tokens, as the library default
+  if (const size_t fb = nsa::sel_group_flags_bytes(p)) BENCH_CHECK(cudaMalloc(&flags, fb));
+  p.sel_group_flags = flags;
   BENCH_STATUS(nsa::sparse_attn_fwd_cuda(p, nsa::DType::kBFloat16, nullptr));
   BENCH_CHECK(cudaDeviceSynchronize());
   const std::vector<float> got = bench::to_host_float(o, total * HQ * pr.D);
@@ -129,6 +132,7 @@ bool check(const Problem& pr, const char* name) {
   std::printf("[%s] check %-8s fwd, packed ragged batch (%lld tokens, G=%d): max|err| %.3e (max|o| %.3e)\n",
               ok ? "OK" : "FAIL", name, static_cast<long long>(total), pr.G, max_err, max_ref);
   cudaFree(cu); cudaFree(bi); cudaFree(o); cudaFree(lse);
+  if (flags) cudaFree(flags);
   return ok;
 }
 
@@ -165,12 +169,16 @@ void time_one(const Problem& pr, const char* name) {
   const size_t ws_bytes = nsa::sparse_attn_bwd_workspace_bytes(p);
   if (ws_bytes) BENCH_CHECK(cudaMalloc(&ws, ws_bytes));
   p.workspace = ws;
+  unsigned char* flags = nullptr;  // the selected walk's width per group of tokens, as the library default
+  if (const size_t fb = nsa::sel_group_flags_bytes(p)) BENCH_CHECK(cudaMalloc(&flags, fb));
+  p.sel_group_flags = flags;
   const float fwd = bench::median_ms([&] { BENCH_STATUS(nsa::sparse_attn_fwd_cuda(p, nsa::DType::kBFloat16, nullptr)); }, 2, 5, 1);
   const float bwd = bench::median_ms([&] { BENCH_STATUS(nsa::sparse_attn_bwd_cuda(p, nsa::DType::kBFloat16, nullptr)); }, 1, 3, 1);
   std::printf("[OK] sparse_attn %-8s T=%6lld HQ=%d H=%d D=%d  fwd %8.3f ms %6.1f TFLOP/s | bwd %8.3f ms %6.1f TFLOP/s\n",
               name, static_cast<long long>(T), HQ, pr.H, pr.D, fwd, flops / (fwd * 1e9), bwd, 2.5 * flops / (bwd * 1e9));
   cudaFree(cu); cudaFree(bi); cudaFree(o); cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(lse); cudaFree(delta);
   if (ws) cudaFree(ws);
+  if (flags) cudaFree(flags);
 }
 
 }  // namespace
