@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kSelectMaxWarps * 32, 4) select_blocks_kernel(
       mma::cp_async_16(sQ + rr * kLd + c, src, on);
     }
     mma::cp_async_commit();
-    SelectWarpLists<kSelectTileKeys, kSelectRing> lists(sp, base, lay.lists, sh.tokens, ps.p_begin, ps.p_end, t0, nc, lane);
+    SelectWarpLists<kSelectTileKeys, kSelectRing, /*kPerLaneWork=*/false> lists(sp, base, lay.lists, sh.tokens, ps.p_begin, ps.p_end, t0, nc, lane);
     // Rows of the current chunk: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];

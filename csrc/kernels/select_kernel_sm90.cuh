@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     if (n_load > 1) load_tile(1);
     mma::cp_async_commit();
 
-    SelectWarpLists<kTileN, Cfg::kRing> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
+    SelectWarpLists<kTileN, Cfg::kRing, /*kPerLaneWork=*/true> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
     // Rows gid, gid + 8 of the warp: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];

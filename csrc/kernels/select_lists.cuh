@@ -71,8 +71,11 @@ struct SelectListLayout {
 };
 
 // kRing: open block sums per token (a power of two); the launcher checks that the blocks one
-// tile opens fit (select_open_blocks <= kRing).
-template <int kTileKeys, int kRing>
+// tile opens fit (select_open_blocks <= kRing). kPerLaneWork: block-sum pairs dealt to lanes once
+// per pass and an unrolled rank merge for rounds with many candidates (the sm_90a kernel's v2);
+// on the H200 they cost the sm_80 kernel 5% (25.4 -> 26.7 ms at 64k, more registers around its
+// loops) and changed nothing measurable at G = 16 on sm_90a, so the sm_80 kernel keeps the loops.
+template <int kTileKeys, int kRing, bool kPerLaneWork>
 struct SelectWarpLists {
   const float* sP;
   float* ring;
@@ -110,11 +113,13 @@ struct SelectWarpLists {
     my_nvis = my_on ? num_visible(my_t, nc, l, d) : 0;
     my_tblk = my_on ? static_cast<int>(my_t / lp) : -1;
     my_nvis_i = static_cast<int>(my_nvis);  // positions inside one sequence fit in int
-    pair_lanes = 32 / tokens;
-    pair_tok = lane / pair_lanes;  // >= tokens on the 32 % tokens lanes left over: idle
-    pair_j0 = lane % pair_lanes;
-    pair_nv = __shfl_sync(0xffffffffu, my_nvis_i, min(pair_tok, tokens - 1));
-    pair_tb = __shfl_sync(0xffffffffu, my_tblk, min(pair_tok, tokens - 1));
+    if constexpr (kPerLaneWork) {
+      pair_lanes = 32 / tokens;
+      pair_tok = lane / pair_lanes;  // >= tokens on the 32 % tokens lanes left over: idle
+      pair_j0 = lane % pair_lanes;
+      pair_nv = __shfl_sync(0xffffffffu, my_nvis_i, min(pair_tok, tokens - 1));
+      pair_tb = __shfl_sync(0xffffffffu, my_tblk, min(pair_tok, tokens - 1));
+    }
   }
 
   __device__ __forceinline__ void finalise_until(int j_end) {
@@ -172,7 +177,7 @@ struct SelectWarpLists {
         const bool mine = (cand >> lane) & 1u;
         int rank = 0;  // of this lane's candidate
         for (int a = 0; a < cnt; ++a) rank += old_sc[a] >= s;
-        if (n <= 32 && __popc(cand) > 4) {
+        if (kPerLaneWork && n <= 32 && __popc(cand) > 4) {
           // Many candidates (the first rounds, before the list is full): all 32 lanes'
           // scores in one unrolled pass of independent shuffles, instead of a loop over the
           // candidates whose every trip waits on the last one's shuffle.
@@ -226,26 +231,46 @@ struct SelectWarpLists {
     __syncwarp();
   }
 
+  // sum_i c(i, j) P[i] over the tile's keys of block j that token tok sees (nv keys), added to the ring.
+  __device__ __forceinline__ void block_sum(int tok, int j, index_t s0, int nv) {
+    const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
+    const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kTileKeys - 1), nv - 1);
+    float sum = 0.f;
+    for (int i = i_lo; i <= i_hi; ++i) {
+      const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
+      sum += sP[tok * kTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
+    }
+    if (i_lo <= i_hi) ring[tok * kRing + (j & (kRing - 1))] += sum;
+  }
+
   // Steps 3 and 4 for the tile of keys [s0, s0 + kTileKeys), whose head-summed P is in sP
   // (visible to the whole warp). Called by the whole warp.
   __device__ __forceinline__ void add_tile(index_t s0) {
     // Block sums: (token, block) pairs, ascending keys inside each. In units of the stride d
     // (which divides l and l'), key i covers [i, i + a) and block j covers [j b, (j + 1) b):
-    // overlaps are integer differences, no division per key. Lane `lane` serves token
-    // pair_tok, blocks jlo + pair_j0 + r * pair_lanes (fixed per pass: no division per pair).
+    // overlaps are integer differences, no division per key.
     const int jlo = static_cast<int>(s0) / b_units;
-    const bool pair_live = pair_tok >= p_begin && pair_tok < p_end && s0 < pair_nv;
-    for (int jj = pair_j0; jj < open_cap; jj += pair_lanes) {
-      const int j = jlo + jj;
-      if (!pair_live || j > pair_tb) continue;
-      const int i_lo = max(max(j * b_units - a_units + 1, 0), static_cast<int>(s0));
-      const int i_hi = min(min((j + 1) * b_units - 1, static_cast<int>(s0) + kTileKeys - 1), pair_nv - 1);
-      float sum = 0.f;
-      for (int i = i_lo; i <= i_hi; ++i) {
-        const int overlap = min(i + a_units, (j + 1) * b_units) - max(i, j * b_units);
-        sum += sP[pair_tok * kTileKeys + (i - static_cast<int>(s0))] * static_cast<float>(overlap);
+    if constexpr (kPerLaneWork) {
+      // Lane `lane` serves token pair_tok, blocks jlo + pair_j0 + r * pair_lanes (fixed per pass).
+      const bool pair_live = pair_tok >= p_begin && pair_tok < p_end && s0 < pair_nv;
+      for (int jj = pair_j0; jj < open_cap; jj += pair_lanes) {
+        const int j = jlo + jj;
+        if (!pair_live || j > pair_tb) continue;
+        block_sum(pair_tok, j, s0, pair_nv);
       }
-      if (i_lo <= i_hi) ring[pair_tok * kRing + (j & (kRing - 1))] += sum;
+    } else {
+      // The pairs are dealt in warp-uniform rounds so the token's lane can broadcast its geometry.
+      const int pairs = tokens * open_cap;
+      for (int w0 = 0; w0 < pairs; w0 += 32) {
+        const int w = w0 + lane;
+        const int tok = tokens == 1 ? 0 : min(w / open_cap, tokens - 1);
+        const int j = jlo + (tokens == 1 ? w : w % open_cap);
+        const int nv = __shfl_sync(0xffffffffu, my_nvis_i, tok);
+        const int tb = __shfl_sync(0xffffffffu, my_tblk, tok);
+        if (w >= pairs || tok < p_begin || tok >= p_end) continue;
+        if (s0 >= nv || j > tb) continue;
+        block_sum(tok, j, s0, nv);
+      }
     }
     __syncwarp();
     // Finalise the blocks whose keys are all done.
