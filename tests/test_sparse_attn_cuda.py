@@ -186,6 +186,15 @@ def test_selected_adaptive_width(G, monkeypatch):
         monkeypatch.delenv(name)
 
 
+@pytest.mark.parametrize("Dk,Dv", [(192, 128), (256, 256)])
+def test_selected_adaptive_width_head_dims(Dk, Dv):
+    """The per-group widths at the wide head dims: the 2-row-group dQ CTAs at D = 256 are 4 warps
+    (two column halves per row group), at (192, 128) the 84 KB layout. Lists as in
+    test_selected_adaptive_width (both launches run); forward and gradients against the reference."""
+    run_case("sel", (1, 3000), 1, 4, Dk, Dv, torch.bfloat16, top_n=4, idx_kind="mixed")
+    run_case("sel", (1, 3000), 1, 16, Dk, Dv, torch.bfloat16, top_n=4, idx_kind="mixed")
+
+
 @pytest.mark.parametrize("window", [1, 17, 512])
 def test_window_sizes(window):
     run_case("win", (2, 700), 2, 4, 64, 64, torch.bfloat16, window=window)
