@@ -16,6 +16,11 @@ namespace nsa {
 // Dv that goes with each compiled Dk (DESIGN §1: Dk = Dv, or Dk = 192 with Dv = 128).
 constexpr int value_dim_for(int dk) { return dk == 192 ? 128 : dk; }
 
+size_t sel_group_flags_bytes(const AttnParams& p) {
+  if (p.mode != AttnMode::kSelected || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return 0;
+  return static_cast<size_t>(sparse_detail::cta_groups(p, sparse_detail::sel_flag_group_tokens(p))) * p.heads_kv;
+}
+
 namespace {
 
 // AttnParams::sel_group_flags: one warp per (4-warp CTA group, KV head) compares each token's
@@ -48,14 +53,6 @@ __global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p)
   if (lane == 0) p.sel_group_flags[static_cast<index_t>(blockIdx.x) * p.heads_kv + g] = 2 * repeated >= listed ? 1 : 0;
 }
 
-}  // namespace
-
-size_t sel_group_flags_bytes(const AttnParams& p) {
-  if (p.mode != AttnMode::kSelected || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return 0;
-  return static_cast<size_t>(sparse_detail::cta_groups(p, sparse_detail::sel_flag_group_tokens(p))) * p.heads_kv;
-}
-
-namespace {
 
 // Whether the selected walk of this call picks its width per group of tokens: it has the flags'
 // memory and the width is not forced by `env` (an A/B switch read per call).
