@@ -290,8 +290,7 @@ template <int kRowGroups>
 inline index_t dq_ctas(const AttnParams& p) {
   const int G = p.heads_q / p.heads_kv;
   const int tokens = (G >= kRows ? 1 : kRows / G) * kRowGroups;
-  return p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
-                      : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+  return cta_groups(p, tokens);
 }
 
 // Enqueues kernel over `ctas` x (heads_kv * head chunks); the caller checks cudaGetLastError

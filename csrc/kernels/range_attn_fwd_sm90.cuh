@@ -342,8 +342,7 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const int G = p.heads_q / p.heads_kv;
   const int tokens = (G >= kRows ? 1 : kRows / G) * Cfg::kWarps;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
-  const index_t items = p.cu_seqlens ? (p.total_rows + tokens - 1) / tokens
-                                     : static_cast<index_t>(p.batch) * ((p.seqlen + tokens - 1) / tokens);
+  const index_t items = cta_groups(p, tokens);
   if (items == 0) return Status{};
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
