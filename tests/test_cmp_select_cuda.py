@@ -146,6 +146,8 @@ def test_select_kernels(kernel, G, monkeypatch):
     check_select((int(cu[-1]),), 2, G, 64, torch.bfloat16, cu=cu, n=40)
     for D in (192, 256):
         check_select((2, 700), 1, G, D, torch.bfloat16)
+    # l = d = l' = 64 (fla's geometry): a 64-key tile opens 65 blocks, the sm_90a kernel's 128-entry rings
+    check_select((1, 6000), 1, G, 128, torch.bfloat16, l=64, d=64, lp=64)
 
 
 def test_select_varlen_and_hparams():

@@ -24,14 +24,16 @@
 namespace nsa {
 namespace sparse_detail {
 
-template <int kHeadDim>
+template <int kHeadDim, int kRing_ = 64>
 struct SelectSm90Config {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsCta = kWarps * kRows;  // 64 per warpgroup: the wgmma M
   static constexpr int kTileN = 64;                // compressed keys per tile (the wgmma N)
   static constexpr int kStages = 3;               // tile it + 2 loads while tile it is multiplied
-  static constexpr int kRing = 64;                 // open block sums per token (SelectWarpLists)
+  // Open block sums per token (SelectWarpLists): 64, or 128 for geometries whose 64-key tile
+  // opens more blocks (l = d = l' = 64: 65).
+  static constexpr int kRing = kRing_;
   static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
   static constexpr int kFixedBytes = kQBytes + kStages * kKBytes;  // lists of the 8 warps follow
@@ -87,10 +89,10 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // kPipelined: two S buffers, S of the next tile in flight while this one is scored, ~215
 // registers, one CTA per SM. Otherwise one buffer and two CTAs per SM (<= 128 registers; the
 // faster one where it fits, see select_sm90_pipelined).
-template <typename T, int kHeadDim, bool kPipelined>
+template <typename T, int kHeadDim, bool kPipelined, int kRing>
 __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_kernel(const SelectParams sp) {
 #ifdef NSA_WGMMA
-  using Cfg = SelectSm90Config<kHeadDim>;
+  using Cfg = SelectSm90Config<kHeadDim, kRing>;
   constexpr int kTileN = Cfg::kTileN;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -266,16 +268,24 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
 #endif
 }
 
-// Whether the sm_90a selection kernel takes these arguments: power-of-two G <= 16, and its
-// shared memory fits.
+// The ring the arguments need: 64 entries, or 128 where one 64-key tile opens more blocks; 0 if
+// even 128 is too few (the sm_80 kernel's 32-key tiles then run).
+inline int select_sm90_ring(const SelectParams& p) {
+  const int open = select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, 64);
+  return open <= 64 ? 64 : (open <= 128 ? 128 : 0);
+}
+
+// Whether the sm_90a selection kernel takes these arguments: power-of-two G <= 16, a ring that
+// holds the open blocks, and shared memory that fits.
 template <int kHeadDim>
 bool select_sm90_covers(const SelectParams& p) {
   const int G = p.heads_q / p.heads_kv;
   if (G < 1 || G > kRows || (G & (G - 1)) != 0) return false;
-  if (select_open_blocks(p.cmp_block, p.cmp_stride, p.sel_block, SelectSm90Config<kHeadDim>::kTileN) >
-      SelectSm90Config<kHeadDim>::kRing)
-    return false;
-  return SelectSm90Config<kHeadDim>::smem_bytes(G, p.top_n) <= 227 * 1024;
+  const int ring = select_sm90_ring(p);
+  if (ring == 0) return false;
+  const size_t smem = ring == 64 ? SelectSm90Config<kHeadDim, 64>::smem_bytes(G, p.top_n)
+                                 : SelectSm90Config<kHeadDim, 128>::smem_bytes(G, p.top_n);
+  return smem <= 227 * 1024;
 }
 
 // Which variant runs. Measured on the H200 (64k, G = 16): one S buffer with two CTAs per SM
@@ -283,17 +293,17 @@ bool select_sm90_covers(const SelectParams& p) {
 // wants the warps. So the pipelined kernel runs only where two CTAs do not fit in an SM's shared
 // memory (G = 1, long lists, large Dk), or when NSA_SELECT_SM90_PIPELINED=1 (read per launch, so
 // one process can time both).
-template <int kHeadDim>
+template <int kHeadDim, int kRing>
 bool select_sm90_pipelined(const SelectParams& p) {
   const int G = p.heads_q / p.heads_kv;
-  if (2 * (SelectSm90Config<kHeadDim>::smem_bytes(G, p.top_n) + 1024) > 228 * 1024) return true;
+  if (2 * (SelectSm90Config<kHeadDim, kRing>::smem_bytes(G, p.top_n) + 1024) > 228 * 1024) return true;
   const char* v = getenv("NSA_SELECT_SM90_PIPELINED");
   return v != nullptr && v[0] == '1';
 }
 
-template <typename T, int kHeadDim, bool kPipelined>
+template <typename T, int kHeadDim, bool kPipelined, int kRing>
 Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
-  using Cfg = SelectSm90Config<kHeadDim>;
+  using Cfg = SelectSm90Config<kHeadDim, kRing>;
   const int G = p.heads_q / p.heads_kv;
   const int cta_tokens = (kRows / G) * Cfg::kWarps;
   const index_t ctas = p.cu_seqlens ? (p.total_rows + cta_tokens - 1) / cta_tokens
@@ -302,12 +312,18 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const size_t smem = Cfg::smem_bytes(G, p.top_n);
-  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined>;
+  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p);
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+}
+
+template <typename T, int kHeadDim, int kRing>
+Status run_select_blocks_sm90_ring(const SelectParams& p, cudaStream_t stream) {
+  return select_sm90_pipelined<kHeadDim, kRing>(p) ? run_select_blocks_sm90<T, kHeadDim, true, kRing>(p, stream)
+                                                   : run_select_blocks_sm90<T, kHeadDim, false, kRing>(p, stream);
 }
 
 }  // namespace sparse_detail

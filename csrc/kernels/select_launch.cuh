@@ -16,10 +16,10 @@ Status run_select_blocks(const SelectParams& p, cudaStream_t stream) {
     return Status{2, "cmp_block / cmp_stride too large relative to sel_block for the CUDA selection kernel"};
   if constexpr (kHeadDim % 64 == 0) {
     if (sparse_detail::select_sm90_covers<kHeadDim>(p) &&
-        sparse_detail::wgmma_kernel_usable(sparse_detail::select_blocks_sm90_kernel<T, kHeadDim, true>))
-      return sparse_detail::select_sm90_pipelined<kHeadDim>(p)
-                 ? sparse_detail::run_select_blocks_sm90<T, kHeadDim, true>(p, stream)
-                 : sparse_detail::run_select_blocks_sm90<T, kHeadDim, false>(p, stream);
+        sparse_detail::wgmma_kernel_usable(sparse_detail::select_blocks_sm90_kernel<T, kHeadDim, true, 64>))
+      return sparse_detail::select_sm90_ring(p) == 64
+                 ? sparse_detail::run_select_blocks_sm90_ring<T, kHeadDim, 64>(p, stream)
+                 : sparse_detail::run_select_blocks_sm90_ring<T, kHeadDim, 128>(p, stream);
   }
   const int G = p.heads_q / p.heads_kv;
   const sparse_detail::SelectShape sh = sparse_detail::select_shape(G);
