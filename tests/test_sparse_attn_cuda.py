@@ -177,6 +177,10 @@ def test_selected_adaptive_width(G, monkeypatch):
         o, lse = nsa_cuda.selected_attention(q, k, v, idx)
         return (o, lse) + torch.autograd.grad(o, (q, k, v), do)
 
+    # The bitwise comparisons are among the union walks; the split walk (flag-0 groups at G >= 16,
+    # test_selected_split_walk) adds its tiles in another order.
+    monkeypatch.setenv("NSA_SEL_FWD_SPLIT", "0")
+    monkeypatch.setenv("NSA_SEL_DQ_SPLIT", "0")
     ref = run()
     for name, w in [("NSA_SEL_FWD_WARPS", w) for w in (("4", "2", "1") if G >= 16 else ("4", "2"))] + \
                    [("NSA_SEL_DQ_WARPS", "4"), ("NSA_SEL_DQ_WARPS", "2")]:
@@ -184,6 +188,53 @@ def test_selected_adaptive_width(G, monkeypatch):
         for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), ref, run()):
             assert torch.equal(a, b), f"{label} with {name}={w} differs from the adaptive widths"
         monkeypatch.delenv(name)
+
+
+def force_split(monkeypatch, warps=None):
+    monkeypatch.setenv("NSA_SEL_FWD_SPLIT", "1")
+    monkeypatch.setenv("NSA_SEL_DQ_SPLIT", "1")
+    if warps is not None:
+        monkeypatch.setenv("NSA_SEL_SPLIT_WARPS", str(warps))
+
+
+@pytest.mark.parametrize("warps", [2, 4])
+@pytest.mark.parametrize("G", [16, 24, 32])
+@pytest.mark.parametrize("Dk,Dv", [(64, 64), (128, 128), (192, 128)])
+def test_selected_split_walk(Dk, Dv, G, warps, monkeypatch):
+    """The split walk (sel_split_walk.cuh: one CTA per token, its warps dealing the token's 16-key
+    tiles; forward and dQ) forced for every group, 2 and 4 warps per token: G = 24 has a half-full
+    16-head chunk; lists with -1 pads, duplicates and future blocks; against the reference,
+    bitwise reproducible (run_case)."""
+    force_split(monkeypatch, warps)
+    run_case("sel", (2, 333), 2, G, Dk, Dv, torch.bfloat16, top_n=5)
+
+
+@pytest.mark.parametrize("sel_block,top_n", [(32, 1), (64, 32), (128, 7), (64, 33)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_selected_split_walk_lists(sel_block, top_n, packed, monkeypatch):
+    """Split walk: block sizes, the longest list it takes (32 entries, one per lane) and one past
+    it (33: the union walks take the call), ragged varlen batches, fp16, the default adaptive
+    launches (split for the independent half) as well as the forced one, with gradients."""
+    cu = cu_of([1, 37, 700, 0, 5, 200, 129]) if packed else None
+    shape = (int(cu[-1]),) if packed else (2, 700)
+    run_case("sel", shape, 2, 16, 128, 128, torch.float16, cu=cu, sel_block=sel_block, top_n=top_n)
+    if not packed:
+        run_case("sel", shape, 2, 16, 128, 128, torch.bfloat16, sel_block=sel_block, top_n=top_n, idx_kind="mixed",
+                 grad=False)
+    force_split(monkeypatch)
+    run_case("sel", shape, 2, 16, 128, 128, torch.bfloat16, cu=cu, sel_block=sel_block, top_n=top_n)
+
+
+def test_selected_split_walk_unsorted_duplicates(monkeypatch):
+    force_split(monkeypatch)
+    q = torch.randn(1, 300, 16, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([3, 0, 3, -1, 1, 4], dtype=torch.int32, device="cuda").expand(1, 300, 1, 6).contiguous()
+    o, lse = nsa_cuda.selected_attention(q, k, v, idx, sel_block=64)
+    o_ref, lse_ref = R.selected_attention(q.float(), k.float(), v.float(), idx, sel_block=64)
+    torch.testing.assert_close(o.float(), o_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("Dk,Dv", [(192, 128), (256, 256)])

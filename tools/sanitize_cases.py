@@ -50,6 +50,7 @@ def main() -> None:
         nsa_cuda.select_blocks(qp, kp, lse, top_n=2)
     wide_head_dims(lens, cu)
     selection_variants_and_widths()
+    split_walk_cases()
     torch.cuda.synchronize()
     print("sanitize cases done")
     # decode: one step against a cache, ragged lengths (incl. 0, < cmp_block, more blocks than
@@ -92,6 +93,23 @@ def selection_variants_and_widths() -> None:
         o = nsa_cuda.selected_attention(q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1),
                                         idx.flatten(0, 1).clamp(max=10), cu_seqlens=cu)[0]
         o.float().sum().backward()
+
+
+def split_walk_cases() -> None:
+    """The split walk (selected forward and dQ, one CTA per token) forced for every group, 2 and 4
+    warps per token: lists with -1, duplicates, future and out-of-sequence-end blocks, G = 16 and
+    24 (a half-full head chunk), l' = 32 / 64 / 128, D = 64 / 128 / 192."""
+    os.environ.update(NSA_SEL_FWD_SPLIT="1", NSA_SEL_DQ_SPLIT="1")
+    for warps in ("2", "4"):
+        os.environ["NSA_SEL_SPLIT_WARPS"] = warps
+        for (T, G, D, lp, n) in ((300, 16, 128, 64, 5), (200, 24, 64, 32, 32), (150, 16, 192, 128, 3)):
+            q = torch.randn(2, T, 2 * G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(2, T, 2, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(2, T, 2, 128 if D == 192 else D, device="cuda", dtype=torch.bfloat16)
+            idx = (torch.rand(2, T, 2, n, device="cuda") * ((T + lp - 1) // lp + 1)).int() - 1
+            nsa_cuda.selected_attention(q, k, v, idx, sel_block=lp)[0].float().sum().backward()
+    for name in ("NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS"):
+        os.environ.pop(name, None)
 
 
 def wide_head_dims(lens, cu, device="cuda") -> None:

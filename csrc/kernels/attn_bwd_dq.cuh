@@ -94,21 +94,22 @@ __device__ __forceinline__ void load_dq_rows(T* sQ, T* sdO, const AttnBwdParams&
   load_query_rows_async<T, Cfg::kDimV, kN>(sdO, Cfg::kLdV, dout, p.dout_stride, rm, wps, t);
 }
 
-// One 32-key tile: S = Q K^T, P = exp2(S * scale_log2 - lse_l2) on the keys keep(ri, kk) allows
-// (kk: key offset in the tile), dP = dO V^T, dS = P (dP - delta), dQ[:, col0 + ..] += dS K.
-template <typename T, int kHeadDim, int kHeadDimV, int kDqCols, class Keep>
+// One tile of kKeys keys (32, or 16 for the split walk): S = Q K^T, P = exp2(S * scale_log2 -
+// lse_l2) on the keys keep(ri, kk) allows (kk: key offset in the tile), dP = dO V^T,
+// dS = P (dP - delta), dQ[:, col0 + ..] += dS K.
+template <typename T, int kHeadDim, int kHeadDimV, int kDqCols, int kKeys = 32, class Keep>
 __device__ __forceinline__ void dq_tile(const T* sQ, const T* sdO, const T* sK, const T* sV, int col0, float scale_log2,
                                         const DqRows& rw, float (&dq_acc)[kDqCols / 8][4], int gid, int tig,
                                         Keep&& keep) {
-  constexpr int kLdQK = kHeadDim + 8, kLdV = kHeadDimV + 8;
-  float s_acc[4][4] = {};
-  gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, kLdQK, sK, kLdQK, gid, tig);
-  float dp_acc[4][4] = {};
-  gemm_16x32_nt<T, kHeadDimV>(dp_acc, sdO, kLdV, sV, kLdV, gid, tig);
+  constexpr int kLdQK = kHeadDim + 8, kLdV = kHeadDimV + 8, kN = kKeys / 8;
+  float s_acc[kN][4] = {};
+  gemm_16x32_nt<T, kHeadDim, kKeys>(s_acc, sQ, kLdQK, sK, kLdQK, gid, tig);
+  float dp_acc[kN][4] = {};
+  gemm_16x32_nt<T, kHeadDimV, kKeys>(dp_acc, sdO, kLdV, sV, kLdV, gid, tig);
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri)
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < kN; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s_acc[n][ri * 2 + e];
@@ -116,7 +117,7 @@ __device__ __forceinline__ void dq_tile(const T* sQ, const T* sdO, const T* sK, 
         x = pr * (dp_acc[n][ri * 2 + e] - rw.delta[ri]);  // dS
       }
   // K as the B operand with k over the tile's keys (ldmatrix.trans of its rows).
-  gemm_16x32_regs_nn<T, kDqCols>(dq_acc, s_acc, sK + col0, kLdQK, gid, tig);
+  gemm_16x32_regs_nn<T, kDqCols, kKeys>(dq_acc, s_acc, sK + col0, kLdQK, gid, tig);
 }
 
 // dq (scaled) of the rows that are on, columns [col0, col0 + kDqCols).

@@ -4,23 +4,25 @@
 #pragma once
 
 #include "attn_cta_walk.cuh"
+#include "warp_merge.cuh"
 
 namespace nsa {
 namespace sparse_detail {
 
-// One 32-key tile: S = Q K^T, keys with !keep(ri, kk) masked (kk: key offset inside the tile,
-// so masks are 32-bit compares), online-softmax rescale, O += P V. Scores stay unscaled; the
-// scale is folded into the exponent.
-template <typename T, int kHeadDim, int kHeadDimV, class Keep>
+// One tile of kKeys keys (32, or 16 for the split walk): S = Q K^T, keys with !keep(ri, kk)
+// masked (kk: key offset inside the tile, so masks are 32-bit compares), online-softmax rescale,
+// O += P V. Scores stay unscaled; the scale is folded into the exponent.
+template <typename T, int kHeadDim, int kHeadDimV, int kKeys = 32, class Keep>
 __device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, const T* sV, int ldv, float scale_log2, float (&m_run)[2], float (&l_run)[2],
                                          float (&o_acc)[kHeadDimV / 8][4], int gid, int tig, Keep&& keep) {
-  float s_acc[4][4] = {};
-  gemm_16x32_nt<T, kHeadDim>(s_acc, sQ, ldq, sK, ldq, gid, tig);
+  constexpr int kN = kKeys / 8;
+  float s_acc[kN][4] = {};
+  gemm_16x32_nt<T, kHeadDim, kKeys>(s_acc, sQ, ldq, sK, ldq, gid, tig);
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     float mx = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < kN; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s_acc[n][ri * 2 + e];
@@ -36,7 +38,7 @@ __device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, cons
     m_run[ri] = m_new;
     float rs = 0.f;
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < kN; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s_acc[n][ri * 2 + e];
@@ -50,7 +52,7 @@ __device__ __forceinline__ void fwd_tile(const T* sQ, int ldq, const T* sK, cons
       o_acc[n][ri * 2 + 1] *= alpha;
     }
   }
-  gemm_16x32_regs_nn<T, kHeadDimV>(o_acc, s_acc, sV, ldv, gid, tig);
+  gemm_16x32_regs_nn<T, kHeadDimV, kKeys>(o_acc, s_acc, sV, ldv, gid, tig);
 }
 
 // Normalise and write o [.., HQ, Dv] and lse (fp32, heads contiguous) of the warp's rows that

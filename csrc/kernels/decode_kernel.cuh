@@ -18,11 +18,13 @@
 
 #include "decode.h"
 #include "mma_sm80.cuh"
+#include "warp_merge.cuh"
 
 namespace nsa {
 namespace decode_detail {
 
 constexpr int kRows = kDecodeRows;
+static_assert(kRows == 16, "publish_row_stats (warp_merge.cuh) takes 16-row warps");
 constexpr int kTile = kDecodeTile;
 constexpr int kSelectThreads = 512;
 constexpr size_t kSelectMaxWeightBytes = 64 * 1024;  // per-(tile, head) weights kept in shared memory up to this
@@ -299,16 +301,7 @@ __device__ __forceinline__ void attend_slice(unsigned char* smem, const T* kb, i
   mma::cp_async_wait_all();  // nothing of this warp's may land in the merge buffers below
 
   // ---- merge the warps: per row max M over warps, o and l rescaled to M, summed in warp order
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    float l = l_run[ri];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (tig == 0) {
-      sMw[warp * kRows + gid + ri * 8] = m_run[ri];
-      sLw[warp * kRows + gid + ri * 8] = l;
-    }
-  }
+  publish_row_stats(sMw, sLw, warp, m_run, l_run, gid, tig);
   __syncthreads();  // every warp is past its tiles: sK / sV become the merge buffers
   float* sO = reinterpret_cast<float*>(sK);  // this warp's [16][kLdO] fp32
 #pragma unroll

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "range_attn_bwd_dq_sm90.cuh"
+#include "sel_attn_dq_split.cuh"
 #include "sparse_attn_bwd_kernel.cuh"
 
 #include <cstdlib>
@@ -43,17 +44,37 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     };
     using Four = std::integral_constant<int, 4>;
     using Two = std::integral_constant<int, 2>;
+    // The split walk (sel_attn_dq_split.cuh, one CTA per token) takes the groups of flag 0 where
+    // it fits; NSA_SEL_DQ_SPLIT=0: 2-row-group CTAs as before, =1: every group.
+    const char* split_env = getenv("NSA_SEL_DQ_SPLIT");
+    const int split_mode = split_env != nullptr && split_env[0] != '\0' ? atoi(split_env) : -1;
+    auto launch_split_dq = [&](auto split, const AttnBwdParams& pp) {
+      constexpr int kSplit = decltype(split)::value;
+      using C = sparse_detail::SelDqSplitConfig<kHeadDim, kHeadDimV, kSplit, 2>;
+      return sparse_detail::launch_dq(sparse_detail::sel_attn_dq_split_kernel<T, kHeadDim, kHeadDimV, kSplit, 2>,
+                                      C::kThreads, C::kSmemBytes, sparse_detail::cta_groups(pp, 1), pp, stream);
+    };
+    auto launch_independent = [&](const AttnBwdParams& pp, bool split_ok) {
+      if constexpr (kHeadDim <= 192) {  // D = 256: a 16 x 256 fp32 dQ per warp would spill
+        if (split_ok && sparse_detail::sel_split_fits(pp))  // NSA_SEL_SPLIT_WARPS=4: A/B (default 2)
+          return sparse_detail::split_warps_env(2) == 4 ? launch_split_dq(Four{}, pp) : launch_split_dq(Two{}, pp);
+      }
+      return launch_sel_dq(Two{}, pp);
+    };
     if (p.sel_group_flags == nullptr) {
       const char* forced = getenv("NSA_SEL_DQ_WARPS");
       AttnBwdParams one = p;
       one.sel_group_want = -1;
-      st = forced != nullptr && atoi(forced) == 2 ? launch_sel_dq(Two{}, one) : launch_sel_dq(Four{}, one);
+      if (split_mode == 1)
+        st = launch_independent(one, true);
+      else
+        st = forced != nullptr && atoi(forced) == 2 ? launch_sel_dq(Two{}, one) : launch_sel_dq(Four{}, one);
     } else {
       AttnBwdParams shared = p, independent = p;
       shared.sel_group_want = 1;
       independent.sel_group_want = 0;
-      st = launch_sel_dq(Four{}, shared);
-      if (st.ok()) st = launch_sel_dq(Two{}, independent);
+      st = split_mode == 1 ? launch_independent(shared, true) : launch_sel_dq(Four{}, shared);
+      if (st.ok()) st = launch_independent(independent, split_mode != 0);
     }
   }
   if (!st.ok()) return st;

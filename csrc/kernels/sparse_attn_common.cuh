@@ -139,13 +139,14 @@ __device__ __forceinline__ void load_query_rows_async(T* dst, int ld, const T* b
   }
 }
 
-// 16 x 32 product of a 16 x kDim A tile and a 32 x kDim B tile (both row-major in shared
+// 16 x kKeys product of a 16 x kDim A tile and a kKeys x kDim B tile (both row-major in shared
 // memory, B read as "col": acc[n] += A * B[n*8 .. n*8+7]^T). Fragments come from ldmatrix, so
 // both tiles need 16-byte aligned rows (ld a multiple of 8 elements). Lane l addresses row
 // l % 8 of matrix l / 8.
-template <typename T, int kDim>
-__device__ __forceinline__ void gemm_16x32_nt(float (&acc)[4][4], const T* sA, int lda, const T* sB, int ldb, int gid,
-                                              int tig) {
+template <typename T, int kDim, int kKeys = 32>
+__device__ __forceinline__ void gemm_16x32_nt(float (&acc)[kKeys / 8][4], const T* sA, int lda, const T* sB, int ldb,
+                                              int gid, int tig) {
+  static_assert(kKeys % 16 == 0, "pairs of 8-key tiles");
   const int lane = gid * 4 + tig, mat = lane >> 3, row8 = lane & 7;
   // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
   const T* a_row = sA + ((mat & 1) * 8 + row8) * lda + (mat >> 1) * 8;
@@ -156,7 +157,7 @@ __device__ __forceinline__ void gemm_16x32_nt(float (&acc)[4][4], const T* sA, i
     uint32_t a[4];
     mma::ldmatrix_x4(a, a_row + k0);
 #pragma unroll
-    for (int np = 0; np < 2; ++np) {
+    for (int np = 0; np < kKeys / 16; ++np) {
       uint32_t bq[4];
       mma::ldmatrix_x4(bq, b_row + np * 16 * ldb + k0);
       const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
@@ -166,18 +167,18 @@ __device__ __forceinline__ void gemm_16x32_nt(float (&acc)[4][4], const T* sA, i
   }
 }
 
-// acc[16 x kDimOut] += P (16 x 32, in the C-fragment registers of a 16x32 product) * B, B a
-// 32 x kDimOut row-major shared tile (the k dimension runs over B's rows; 16-byte aligned rows).
-// B fragments come from ldmatrix.trans: per pair of 8-column tiles, matrices (k 0-7, tile 0),
-// (k 8-15, tile 0), (k 0-7, tile 1), (k 8-15, tile 1).
-template <typename T, int kDimOut>
-__device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4], const float (&pf)[4][4],
+// acc[16 x kDimOut] += P (16 x kKeys, in the C-fragment registers of a 16 x kKeys product) * B,
+// B a kKeys x kDimOut row-major shared tile (the k dimension runs over B's rows; 16-byte aligned
+// rows). B fragments come from ldmatrix.trans: per pair of 8-column tiles, matrices (k 0-7,
+// tile 0), (k 8-15, tile 0), (k 0-7, tile 1), (k 8-15, tile 1).
+template <typename T, int kDimOut, int kKeys = 32>
+__device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4], const float (&pf)[kKeys / 8][4],
                                                    const T* sB, int ldb, int gid, int tig) {
-  static_assert(kDimOut % 16 == 0, "pairs of 8-column tiles");
+  static_assert(kDimOut % 16 == 0 && kKeys % 16 == 0, "pairs of 8-column tiles, k16 steps");
   const int lane = gid * 4 + tig, mat = lane >> 3, row8 = lane & 7;
   const T* b_row = sB + ((mat & 1) * 8 + row8) * ldb + (mat >> 1) * 8;
 #pragma unroll
-  for (int kk = 0; kk < 2; ++kk) {
+  for (int kk = 0; kk < kKeys / 16; ++kk) {
     uint32_t a[4];
     a[0] = mma::pack2<T>(pf[2 * kk][0], pf[2 * kk][1]);
     a[1] = mma::pack2<T>(pf[2 * kk][2], pf[2 * kk][3]);
