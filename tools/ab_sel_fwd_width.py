@@ -21,7 +21,8 @@ from bench_sparse_attn import make_block_idx  # noqa: E402
 D, H, LP, N = 128, 4, 64, 16
 
 
-SWITCHES = ("NSA_SEL_FWD_WARPS", "NSA_SEL_DQ_WARPS", "NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS")
+SWITCHES = ("NSA_SEL_FWD_WARPS", "NSA_SEL_DQ_WARPS", "NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS",
+            "NSA_SEL_SPLIT_STAGES")
 
 
 def variants(backward: bool, G: int):
@@ -35,6 +36,9 @@ def variants(backward: bool, G: int):
         other = 2 if backward else 4  # the default warps per token: dQ 2, forward 4
         out += [("auto:nosplit", {split: "0"}), ("split", {split: "1"}),
                 (f"split:{2 if other == 4 else 4}", {split: "1", "NSA_SEL_SPLIT_WARPS": str(2 if other == 4 else 4)})]
+        if not backward:  # three buffers per warp (NSA_SEL_SPLIT_STAGES)
+            out += [("split:4:s3", {split: "1", "NSA_SEL_SPLIT_STAGES": "3"}),
+                    ("split:2:s3", {split: "1", "NSA_SEL_SPLIT_WARPS": "2", "NSA_SEL_SPLIT_STAGES": "3"})]
     return out
 
 

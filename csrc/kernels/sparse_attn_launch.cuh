@@ -37,10 +37,11 @@ Status launch_sel_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
 
-// The split walk (sel_attn_fwd_split.cuh): one CTA of kSplit warps per token and 16-head chunk.
-template <typename T, int kHeadDim, int kHeadDimV, int kSplit>
+// The split walk (sel_attn_fwd_split.cuh): one CTA of kSplit warps per token and 16-head chunk,
+// kStages buffers per warp.
+template <typename T, int kHeadDim, int kHeadDimV, int kSplit, int kStages>
 Status launch_sel_attn_fwd_split(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = sparse_detail::SelFwdSplitConfig<kHeadDim, kHeadDimV, kSplit, 2>;
+  using Cfg = sparse_detail::SelFwdSplitConfig<kHeadDim, kHeadDimV, kSplit, kStages>;
   const int chunks = (p.heads_q / p.heads_kv + sparse_detail::kRows - 1) / sparse_detail::kRows;
   const index_t items = sparse_detail::cta_groups(p, 1);
   if (items == 0) return Status{};
@@ -75,9 +76,17 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   const int split_mode = split != nullptr && split[0] != '\0' ? atoi(split) : -1;
   if constexpr (kHeadDim <= 192) {  // D = 256: 143 KB of buffers, one CTA per SM; not built
     if (!forced && split_mode != 0 && (p.sel_group_want == 0 || split_mode == 1) &&
-        sparse_detail::sel_split_fits(p))  // NSA_SEL_SPLIT_WARPS=2: two warps per token (A/B; default 4)
-      return sparse_detail::split_warps_env(4) == 2 ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2>(p, stream)
-                                                    : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4>(p, stream);
+        sparse_detail::sel_split_fits(p)) {
+      // A/B switches: NSA_SEL_SPLIT_WARPS=2 (two warps per token; default 4), NSA_SEL_SPLIT_STAGES=3
+      // (three buffers per warp, two tiles in flight; default 2).
+      const bool two = sparse_detail::split_warps_env(4) == 2;
+      const char* st = getenv("NSA_SEL_SPLIT_STAGES");
+      if (st != nullptr && atoi(st) == 3)
+        return two ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2, 3>(p, stream)
+                   : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4, 3>(p, stream);
+      return two ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2, 2>(p, stream)
+                 : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4, 2>(p, stream);
+    }
   }
   const int w = forced ? atoi(warps) : (p.sel_group_want == 0 ? 2 : 4);
   if (w == 1 && G >= sparse_detail::kRows) return launch_sel_attn_fwd<T, kHeadDim, kHeadDimV, 1>(p, stream);
