@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kSplit * 32, (SelDqSplitConfig<kHeadDim, kHead
 
   const RowMap rm = query_row_map(p);  // G >= 16: one token, up to 16 heads
   Pass ps;
-  if (!split_token(p, rm, ps)) return;  // uniform over the CTA
+  int entry;
+  if (!split_token(p, rm, lane, ps, entry)) return;  // uniform over the CTA
   const bool packed = p.cu_seqlens != nullptr;
   const float scale_log2 = p.scale * kLog2e;
   const T* q = static_cast<const T*>(p.q) + (packed ? 0 : ps.b * p.q_stride.batch);
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kSplit * 32, (SelDqSplitConfig<kHeadDim, kHead
   load_query_rows_async<T, kHeadDim, Cfg::kThreads>(sQ, Cfg::kLdQK, q, p.q_stride, rm, ps, tid);
   load_query_rows_async<T, kHeadDimV, Cfg::kThreads>(sdO, Cfg::kLdV, dout, p.dout_stride, rm, ps, tid);
   mma::cp_async_commit();
-  SelSplitWalk<kSplit, kStages> walk(p, ps, rm.g, reinterpret_cast<int*>(smem_raw) + warp * 32, warp, lane);
+  SelSplitWalk<kSplit, kStages> walk(p, ps, entry, reinterpret_cast<int*>(smem_raw) + warp * 32, warp, lane);
   const DqRows rw = dq_rows(p, rm, ps, gid);
   float dq_acc[kHeadDim / 8][4];
   zero_acc<kHeadDim>(dq_acc);

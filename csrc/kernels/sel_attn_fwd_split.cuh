@@ -36,14 +36,15 @@ __global__ void __launch_bounds__(kSplit * 32, (SelFwdSplitConfig<kHeadDim, kHea
 
   const RowMap rm = query_row_map(p);  // G >= 16: one token, up to 16 heads
   Pass ps;
-  if (!split_token(p, rm, ps)) return;  // uniform over the CTA
+  int entry;
+  if (!split_token(p, rm, lane, ps, entry)) return;  // uniform over the CTA
   const float scale_log2 = p.scale * kLog2e;
   const T* q = static_cast<const T*>(p.q) + (p.cu_seqlens != nullptr ? 0 : ps.b * p.q_stride.batch);
   const SplitKV<T, Cfg, kHeadDim, kHeadDimV> kv(p, ps, rm.g);
 
   load_query_rows_async<T, kHeadDim, Cfg::kThreads>(sQ, Cfg::kLdQK, q, p.q_stride, rm, ps, tid);
   mma::cp_async_commit();
-  SelSplitWalk<kSplit, kStages> walk(p, ps, rm.g, reinterpret_cast<int*>(smem_raw) + warp * 32, warp, lane);
+  SelSplitWalk<kSplit, kStages> walk(p, ps, entry, reinterpret_cast<int*>(smem_raw) + warp * 32, warp, lane);
 
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   float o_acc[kHeadDimV / 8][4];

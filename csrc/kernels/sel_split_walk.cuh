@@ -71,15 +71,38 @@ struct SelSplitLayout {
   static constexpr int kListBytes = kSplit * 32 * static_cast<int>(sizeof(int));
 };
 
-// The CTA's token (blockIdx.x, one per CTA) and whether this launch takes it (the adaptive
-// launches' flags); uniform over the CTA.
-__device__ __forceinline__ bool split_token(const AttnParams& p, const RowMap& rm, Pass& ps) {
+// The CTA's token (blockIdx.x, one per CTA), whether this launch takes it (the adaptive
+// launches' flags; uniform over the CTA) and `entry`, the lane's block-list entry (-1 past
+// top_n; SelSplitWalk's input), loaded before the flag is read so that the two loads overlap.
+// 32-bit index arithmetic (blockIdx.x < 2^31, seqlen an int): ncu put ~20% of the forward's
+// stall samples before its first tile, group_of's 64-bit divisions among them.
+__device__ __forceinline__ bool split_token(const AttnParams& p, const RowMap& rm, int lane, Pass& ps, int& entry) {
+  const unsigned item = blockIdx.x;
   Group gr;
-  if (!group_of(p, 1, blockIdx.x, gr)) return false;
-  if (p.sel_group_want >= 0 && p.sel_group_flags != nullptr &&
-      p.sel_group_flags[sel_flag_group(p, 1, blockIdx.x) * p.heads_kv + rm.g] != p.sel_group_want)
-    return false;
-  return next_pass(p, 1, gr, 0, 0, ps);
+  unsigned flag_group;  // sel_flag_group(p, 1, item)
+  const unsigned group_tokens = static_cast<unsigned>(sel_flag_group_tokens(p));
+  if (p.cu_seqlens == nullptr) {
+    if (p.seqlen <= 0) return false;
+    const unsigned len = static_cast<unsigned>(p.seqlen);
+    if (item >= static_cast<index_t>(len) * p.batch) return false;
+    const unsigned b = item / len, t = item - b * len;
+    gr.b = static_cast<int>(b);
+    gr.row0 = t;
+    flag_group = b * ((len + group_tokens - 1) / group_tokens) + t / group_tokens;
+  } else {
+    gr.b = 0;
+    gr.row0 = item;
+    if (gr.row0 >= p.total_rows) return false;
+    flag_group = item / group_tokens;
+  }
+  if (!next_pass(p, 1, gr, 0, 0, ps)) return false;
+  entry = -1;
+  if (lane < p.top_n)
+    entry = __ldg(p.block_idx + (p.cu_seqlens != nullptr ? 0 : ps.b * p.block_idx_stride.batch) +
+                  (ps.row_begin + ps.t0) * p.block_idx_stride.row + static_cast<index_t>(rm.g) * p.block_idx_stride.head +
+                  lane);
+  return !(p.sel_group_want >= 0 && p.sel_group_flags != nullptr &&
+           p.sel_group_flags[static_cast<index_t>(flag_group) * p.heads_kv + rm.g] != p.sel_group_want);
 }
 
 // K and V rows of the token's KV head; load() fills one warp buffer (16 K rows, then 16 V rows).
@@ -103,41 +126,54 @@ struct SplitKV {
 
 // One warp's share of a token's tiles. Construct from every warp of the CTA (each builds the
 // same list in its own 32 ints of shared memory, s_list: no barrier), then call run() once from
-// every thread.
+// every thread. Item i of the token = tile i % tiles_per_block of list entry i / tiles_per_block;
+// warp w takes items w, w + kSplit, ... through a cursor (ncu of the first version: the runtime
+// divisions of item -> (entry, tile) were ~20% of the issued instructions).
 template <int kSplit, int kStages>
 struct SelSplitWalk {
   const int* s_list;
   index_t t;  // the token's position in its sequence
-  int lp, tiles_per_block, n_items, warp;
+  int lp, tiles_per_block, n_blocks, warp;
 
-  // The token's blocks that hold keys <= t, first occurrences only, in list order. Lane i reads
-  // entry i of the list (p.top_n <= 32).
-  __device__ __forceinline__ SelSplitWalk(const AttnParams& p, const Pass& ps, int g, int* s_list_warp, int warp_,
+  struct Cursor {
+    int e, sub;  // list entry, tile of its block
+    index_t s0;  // first key of the tile (valid while e < n_blocks)
+  };
+
+  // The token's blocks that hold keys <= t, first occurrences only, in list order. j: the lane's
+  // entry of the list (split_token; p.top_n <= 32).
+  __device__ __forceinline__ SelSplitWalk(const AttnParams& p, const Pass& ps, int j, int* s_list_warp, int warp_,
                                           int lane)
       : s_list(s_list_warp), t(ps.t0), lp(p.sel_block), warp(warp_) {
     tiles_per_block = lp / kSplitTileKeys;
     const index_t n_blocks_seq = (static_cast<index_t>(ps.seq_len) + lp - 1) / lp;
-    int j = -1;
-    if (lane < p.top_n)
-      j = __ldg(p.block_idx + (p.cu_seqlens != nullptr ? 0 : ps.b * p.block_idx_stride.batch) +
-                (ps.row_begin + t) * p.block_idx_stride.row + static_cast<index_t>(g) * p.block_idx_stride.head + lane);
     bool ok = lane < p.top_n && j >= 0 && j < n_blocks_seq && static_cast<index_t>(j) * lp <= t;
     const unsigned same = __match_any_sync(0xffffffffu, j);
     ok = ok && __ffs(same) - 1 == lane;
     const unsigned valid = __ballot_sync(0xffffffffu, ok);
     if (ok) s_list_warp[__popc(valid & ((1u << lane) - 1u))] = j;
     __syncwarp();
-    n_items = __popc(valid) * tiles_per_block;
+    n_blocks = __popc(valid);
   }
 
-  __device__ __forceinline__ index_t tile_s0(int item) const {
-    return static_cast<index_t>(s_list[item / tiles_per_block]) * lp + (item % tiles_per_block) * kSplitTileKeys;
-  }
-  // This warp's next tile that holds a key <= t (tiles past t are skipped).
-  __device__ __forceinline__ int next_item(int item) const {
-    for (item += kSplit; item < n_items && tile_s0(item) > t; item += kSplit) {
+  // Moves c to its next tile that holds a key <= t (tiles past t are skipped), or past the list.
+  __device__ __forceinline__ void skip_past_t(Cursor& c) const {
+    while (c.e < n_blocks) {
+      c.s0 = static_cast<index_t>(s_list[c.e]) * lp + c.sub * kSplitTileKeys;
+      if (c.s0 <= t) return;
+      advance_raw(c);
     }
-    return item;
+  }
+  __device__ __forceinline__ void advance_raw(Cursor& c) const {
+    c.sub += kSplit;
+    while (c.sub >= tiles_per_block) {
+      c.sub -= tiles_per_block;
+      ++c.e;
+    }
+  }
+  __device__ __forceinline__ void advance(Cursor& c) const {
+    advance_raw(c);
+    skip_past_t(c);
   }
 
   // issue(s0, buffer): cp.async of the tile at key s0 into the warp's buffer (no commit).
@@ -146,33 +182,33 @@ struct SelSplitWalk {
   // CTA once the first on_tile runs. Returns with every group waited for.
   template <class Issue, class OnTile>
   __device__ __forceinline__ void run(Issue&& issue, OnTile&& on_tile) {
+    Cursor ci{warp / tiles_per_block, warp % tiles_per_block, 0};
+    skip_past_t(ci);
+    Cursor cc = ci;  // the tile to multiply; ci: the next one to issue
     // Prologue: kStages - 1 tiles in flight, one commit group each, empty or not, so that the
     // wait counts below hold.
-    int item_issue = next_item(warp - kSplit);
-    const int first = item_issue;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (item_issue < n_items) {
-        issue(tile_s0(item_issue), s);
-        item_issue = next_item(item_issue);
+      if (ci.e < n_blocks) {
+        issue(ci.s0, s);
+        advance(ci);
       }
       mma::cp_async_commit();
     }
     mma::cp_async_wait<kStages - 1>();
     __syncthreads();
     int buf = 0;
-    for (int item = first; item < n_items; item = next_item(item)) {
-      if (item_issue < n_items) {  // into the buffer the previous step read (the warp synced after it)
-        issue(tile_s0(item_issue), (buf + kStages - 1) % kStages);
-        item_issue = next_item(item_issue);
+    for (; cc.e < n_blocks; advance(cc)) {
+      if (ci.e < n_blocks) {  // into the buffer the previous step read (the warp synced after it)
+        issue(ci.s0, (buf + kStages - 1) % kStages);
+        advance(ci);
       }
       mma::cp_async_commit();
       mma::cp_async_wait<kStages - 1>();
       __syncwarp();
-      const index_t s0 = tile_s0(item);
-      on_tile(s0, buf, tile_offset(t + 1, s0));
+      on_tile(cc.s0, buf, tile_offset(t + 1, cc.s0));
       __syncwarp();
-      buf = (buf + 1) % kStages;
+      buf = buf + 1 == kStages ? 0 : buf + 1;
     }
     mma::cp_async_wait_all();
   }
