@@ -22,12 +22,13 @@ D, H, LP, N = 128, 4, 64, 16
 
 
 SWITCHES = ("NSA_SEL_FWD_WARPS", "NSA_SEL_DQ_WARPS", "NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS",
-            "NSA_SEL_SPLIT_STAGES")
+            "NSA_SEL_DKDV_SM90")
 
 
 def variants(backward: bool, G: int):
     """(label, environment) pairs: forced widths, the default ("auto"), and at G >= 16 the split
-    walk off ("auto:nosplit"), forced for every group ("split", "split:2" / "split:4" warps)."""
+    walk off ("auto:nosplit"), forced for every group ("split", "split:2" / "split:4" warps); with
+    --backward also the selected dK/dV on the wgmma tile ("auto:dkdv-sm90")."""
     env = "NSA_SEL_DQ_WARPS" if backward else "NSA_SEL_FWD_WARPS"
     split = "NSA_SEL_DQ_SPLIT" if backward else "NSA_SEL_FWD_SPLIT"
     widths = ("4", "2") if backward or G < 16 else ("4", "2", "1")
@@ -36,9 +37,8 @@ def variants(backward: bool, G: int):
         other = 2 if backward else 4  # the default warps per token: dQ 2, forward 4
         out += [("auto:nosplit", {split: "0"}), ("split", {split: "1"}),
                 (f"split:{2 if other == 4 else 4}", {split: "1", "NSA_SEL_SPLIT_WARPS": str(2 if other == 4 else 4)})]
-        if not backward:  # three buffers per warp (NSA_SEL_SPLIT_STAGES)
-            out += [("split:4:s3", {split: "1", "NSA_SEL_SPLIT_STAGES": "3"}),
-                    ("split:2:s3", {split: "1", "NSA_SEL_SPLIT_WARPS": "2", "NSA_SEL_SPLIT_STAGES": "3"})]
+    if backward:  # the selected dK/dV units on the wgmma tile
+        out += [("auto:dkdv-sm90", {"NSA_SEL_DKDV_SM90": "1"})]
     return out
 
 

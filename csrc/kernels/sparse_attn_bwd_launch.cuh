@@ -113,10 +113,21 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     arr.map = reinterpret_cast<const int*>(ws + plan.off_map);
     float* partials = reinterpret_cast<float*>(ws + plan.off_partials);
     auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
+    int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
+    if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
+      // A/B: NSA_SEL_DKDV_SM90=1 runs the units on the wgmma tile (same partials and reduction).
+      const char* sm90_env = getenv("NSA_SEL_DKDV_SM90");
+      auto sm90 = sparse_detail::sparse_attn_bwd_dkdv_sm90_kernel<T, kHeadDim, kHeadDimV>;
+      if (sm90_env != nullptr && atoi(sm90_env) == 1 && sparse_detail::wgmma_kernel_usable(sm90)) {
+        kv_kernel = sm90;
+        threads = dkdv::SmCfg<kHeadDim, kHeadDimV>::kThreads;
+        smem = dkdv::SmCfg<kHeadDim, kHeadDimV>::kSmemBytes;
+      }
+    }
+    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
     if (plan.units_bound > 0)
-      kv_kernel<<<static_cast<unsigned>(plan.units_bound), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(
+      kv_kernel<<<static_cast<unsigned>(plan.units_bound), threads, smem, stream>>>(
           p, sorted_tokens, arr, plan.chunk_rows, plan.tpb, plan.max_partials, partials);
     // Lists with >= 2 chunks: at most max_partials / 2 (list, sub-tile) pairs.
     const index_t red = plan.max_partials / 2;

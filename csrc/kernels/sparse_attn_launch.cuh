@@ -77,15 +77,10 @@ Status run_sparse_attn_fwd(const AttnParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim <= 192) {  // D = 256: 143 KB of buffers, one CTA per SM; not built
     if (!forced && split_mode != 0 && (p.sel_group_want == 0 || split_mode == 1) &&
         sparse_detail::sel_split_fits(p)) {
-      // A/B switches: NSA_SEL_SPLIT_WARPS=2 (two warps per token; default 4), NSA_SEL_SPLIT_STAGES=3
-      // (three buffers per warp, two tiles in flight; default 2).
-      const bool two = sparse_detail::split_warps_env(4) == 2;
-      const char* st = getenv("NSA_SEL_SPLIT_STAGES");
-      if (st != nullptr && atoi(st) == 3)
-        return two ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2, 3>(p, stream)
-                   : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4, 3>(p, stream);
-      return two ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2, 2>(p, stream)
-                 : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4, 2>(p, stream);
+      // A/B switch: NSA_SEL_SPLIT_WARPS=2 (two warps per token; default 4). Three buffers per warp
+      // measured 1-8% slower (bench/NOTES.md, session 11): two.
+      return sparse_detail::split_warps_env(4) == 2 ? launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 2, 2>(p, stream)
+                                                    : launch_sel_attn_fwd_split<T, kHeadDim, kHeadDimV, 4, 2>(p, stream);
     }
   }
   const int w = forced ? atoi(warps) : (p.sel_group_want == 0 ? 2 : 4);
