@@ -21,14 +21,12 @@ from bench_sparse_attn import make_block_idx  # noqa: E402
 D, H, LP, N = 128, 4, 64, 16
 
 
-SWITCHES = ("NSA_SEL_FWD_WARPS", "NSA_SEL_DQ_WARPS", "NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS",
-            "NSA_SEL_DKDV_SM90")
+SWITCHES = ("NSA_SEL_FWD_WARPS", "NSA_SEL_DQ_WARPS", "NSA_SEL_FWD_SPLIT", "NSA_SEL_DQ_SPLIT", "NSA_SEL_SPLIT_WARPS")
 
 
 def variants(backward: bool, G: int):
     """(label, environment) pairs: forced widths, the default ("auto"), and at G >= 16 the split
-    walk off ("auto:nosplit"), forced for every group ("split", "split:2" / "split:4" warps); with
-    --backward also the selected dK/dV on the wgmma tile ("auto:dkdv-sm90")."""
+    walk off ("auto:nosplit"), forced for every group ("split", "split:2" / "split:4" warps)."""
     env = "NSA_SEL_DQ_WARPS" if backward else "NSA_SEL_FWD_WARPS"
     split = "NSA_SEL_DQ_SPLIT" if backward else "NSA_SEL_FWD_SPLIT"
     widths = ("4", "2") if backward or G < 16 else ("4", "2", "1")
@@ -37,8 +35,6 @@ def variants(backward: bool, G: int):
         other = 2 if backward else 4  # the default warps per token: dQ 2, forward 4
         out += [("auto:nosplit", {split: "0"}), ("split", {split: "1"}),
                 (f"split:{2 if other == 4 else 4}", {split: "1", "NSA_SEL_SPLIT_WARPS": str(2 if other == 4 else 4)})]
-    if backward:  # the selected dK/dV units on the wgmma tile
-        out += [("auto:dkdv-sm90", {"NSA_SEL_DKDV_SM90": "1"})]
     return out
 
 

@@ -179,18 +179,6 @@ __global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
                 });
 }
 
-// The same units on the wgmma tile (the window's dK/dV tile; A/B: NSA_SEL_DKDV_SM90=1).
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(128, 2)
-    sparse_attn_bwd_dkdv_sm90_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
-                                     index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
-                [&](const dkdv::TileArgs& a, float* partial) {
-                  dkdv::dkdv_tile_sm90<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw);
-                });
-}
-
 // Selected: one CTA per (k-th longest list, sub-tile) of the lists with >= 2 chunks; adds the
 // partials of chunks 0, 1, ... in that order.
 template <typename T, int kHeadDim, int kHeadDimV>

@@ -113,17 +113,7 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     arr.map = reinterpret_cast<const int*>(ws + plan.off_map);
     float* partials = reinterpret_cast<float*>(ws + plan.off_partials);
     auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
-    if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
-      // A/B: NSA_SEL_DKDV_SM90=1 runs the units on the wgmma tile (same partials and reduction).
-      const char* sm90_env = getenv("NSA_SEL_DKDV_SM90");
-      auto sm90 = sparse_detail::sparse_attn_bwd_dkdv_sm90_kernel<T, kHeadDim, kHeadDimV>;
-      if (sm90_env != nullptr && atoi(sm90_env) == 1 && sparse_detail::wgmma_kernel_usable(sm90)) {
-        kv_kernel = sm90;
-        threads = dkdv::SmCfg<kHeadDim, kHeadDimV>::kThreads;
-        smem = dkdv::SmCfg<kHeadDim, kHeadDimV>::kSmemBytes;
-      }
-    }
+    const int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
     e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
     if (plan.units_bound > 0)
