@@ -132,12 +132,12 @@ __device__ __forceinline__ bool sel_tile_of(const AttnParams& p, index_t u, int 
   return true;
 }
 
-// Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan);
-// tile(args, partial) runs the 64-key tile (dkdv_tile or dkdv_tile_sm90: same partial layout).
-template <class Tile>
-__device__ __forceinline__ void sel_dkdv_unit(const AttnBwdParams& p, const int* sorted_tokens,
-                                              const dkdv::SelArrays& arr, index_t chunk_rows, int tpb,
-                                              index_t max_partials, float* ws, int partial_floats, Tile&& tile) {
+// Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan).
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
+    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
+                                index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const index_t w = blockIdx.x;
   const int k = arr.map[w];
   if (k < 0) return;
@@ -163,20 +163,9 @@ __device__ __forceinline__ void sel_dkdv_unit(const AttnBwdParams& p, const int*
   float* partial = nullptr;
   if (nch > 1) {
     if (w >= max_partials) return;  // cannot happen: multi-chunk lists sort first (SelPlan)
-    partial = ws + w * partial_floats;
+    partial = ws + w * dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats;
   }
-  tile(a, partial);
-}
-
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
-    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
-                                index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
-                [&](const dkdv::TileArgs& a, float* partial) {
-                  dkdv::dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw);
-                });
+  dkdv::dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw);
 }
 
 // Selected: one CTA per (k-th longest list, sub-tile) of the lists with >= 2 chunks; adds the

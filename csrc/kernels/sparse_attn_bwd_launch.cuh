@@ -113,11 +113,10 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     arr.map = reinterpret_cast<const int*>(ws + plan.off_map);
     float* partials = reinterpret_cast<float*>(ws + plan.off_partials);
     auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    const int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
-    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
     if (plan.units_bound > 0)
-      kv_kernel<<<static_cast<unsigned>(plan.units_bound), threads, smem, stream>>>(
+      kv_kernel<<<static_cast<unsigned>(plan.units_bound), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(
           p, sorted_tokens, arr, plan.chunk_rows, plan.tpb, plan.max_partials, partials);
     // Lists with >= 2 chunks: at most max_partials / 2 (list, sub-tile) pairs.
     const index_t red = plan.max_partials / 2;
