@@ -76,30 +76,36 @@ NSA_HOST_DEVICE index_t partial_floats(const AttnParams& p) {
 // with base(b) = floor(cu[b] / U) + b, U = positions per tile (64 * d compressed, 64 window):
 // disjoint because floor((a+T)/U) - floor(a/U) + 1 >= ceil(T/U) >= ntiles; some slots are empty.
 
+// kTileKeys: keys per tile, 64 (the CTAs of dkdv_tile / dkdv_tile_sm90) or 128 (the two
+// warpgroups of range_attn_bwd_dkdv_sm90.cuh); every helper below takes it.
+template <int kTileKeys = kKeys>
 NSA_HOST_DEVICE int range_unit(const AttnParams& p) {
-  return p.mode == AttnMode::kCompressed ? p.cmp_stride * kKeys : kKeys;
+  return p.mode == AttnMode::kCompressed ? p.cmp_stride * kTileKeys : kTileKeys;
 }
 
 NSA_HOST_DEVICE int range_keys_of(const AttnParams& p, int seq_len) {
   return p.mode == AttnMode::kCompressed ? num_compressed(seq_len, p.cmp_block, p.cmp_stride) : seq_len;
 }
 
+template <int kTileKeys = kKeys>
 NSA_HOST_DEVICE index_t range_slots(const AttnParams& p) {
   if (p.cu_seqlens == nullptr) {
     if (p.batch <= 0 || p.seqlen <= 0) return 0;
-    return static_cast<index_t>(p.batch) * ((range_keys_of(p, p.seqlen) + kKeys - 1) / kKeys);
+    return static_cast<index_t>(p.batch) * ((range_keys_of(p, p.seqlen) + kTileKeys - 1) / kTileKeys);
   }
   if (p.batch <= 0) return 0;
-  return p.total_rows / range_unit(p) + p.batch + 1;
+  return p.total_rows / range_unit<kTileKeys>(p) + p.batch + 1;
 }
 
 // Chunks per key tile of the compressed branch (1 = no split). Shapes only: the same on every
-// run, so the summation order (and the result) is reproducible.
+// run, so the summation order (and the result) is reproducible. 128-key tiles run one CTA per
+// SM, 64-key ones two: the CTA target scales with the tile.
+template <int kTileKeys = kKeys>
 NSA_HOST_DEVICE int range_splits(const AttnParams& p) {
   if (p.mode != AttnMode::kCompressed || p.heads_kv <= 0) return 1;
-  const index_t tiles = range_slots(p) * p.heads_kv;
+  const index_t tiles = range_slots<kTileKeys>(p) * p.heads_kv;
   if (tiles <= 0) return 1;
-  index_t s = kTargetCtas / tiles;
+  index_t s = (kTargetCtas * kKeys / kTileKeys) / tiles;
   const index_t rows_max = static_cast<index_t>(p.cu_seqlens ? p.total_rows : p.seqlen) * (p.heads_q / p.heads_kv);
   if (s > rows_max / kMinChunkRows) s = rows_max / kMinChunkRows;
   if (s > kMaxSplits) s = kMaxSplits;
@@ -114,10 +120,18 @@ NSA_HOST_DEVICE index_t range_chunk_rows(index_t rows, int splits) {
   return c < kMinChunkRows ? kMinChunkRows : c;
 }
 
-NSA_HOST_DEVICE size_t range_workspace_bytes(const AttnParams& p) {
-  const int s = range_splits(p);
+template <int kTileKeys>
+NSA_HOST_DEVICE size_t range_workspace_bytes_for(const AttnParams& p) {
+  const int s = range_splits<kTileKeys>(p);
   if (s <= 1) return 0;
-  return static_cast<size_t>(s) * range_slots(p) * p.heads_kv * partial_floats(p) * sizeof(float);
+  return static_cast<size_t>(s) * range_slots<kTileKeys>(p) * p.heads_kv * (partial_floats(p) / kKeys * kTileKeys) *
+         sizeof(float);
+}
+
+// Enough for either tiling: which kernel runs is decided at launch (device, environment).
+NSA_HOST_DEVICE size_t range_workspace_bytes(const AttnParams& p) {
+  const size_t a = range_workspace_bytes_for<kKeys>(p), b = range_workspace_bytes_for<2 * kKeys>(p);
+  return a > b ? a : b;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,7 +198,7 @@ struct TileArgs {
   int g = 0;              // KV head
   index_t q_row0 = 0;     // row of position 0 of the sequence in q / dout / lse
   index_t k_row0 = 0;     // row of key 0 of the tile in k / v / dk / dv
-  int nk = 0;             // valid keys, 1 .. kKeys
+  int nk = 0;             // valid keys, 1 .. keys per tile (64, or 128 for the wide sm_90a tile)
   index_t key0 = 0;       // position (compressed index for the compressed branch) of key 0
   const int* list = nullptr;
   index_t tok_lo = 0;
@@ -430,7 +444,7 @@ __device__ __forceinline__ void dkdv_tile(const AttnBwdParams& p, const TileArgs
 
 // Sum of the fp32 partials of one key tile, chunk 0 first (fixed order: reproducible), written
 // to dK (scaled) and dV. Partial c of the tile is slot slot0 + c * slot_step.
-template <typename T, int kHeadDim, int kHeadDimV>
+template <typename T, int kHeadDim, int kHeadDimV, int kTileKeys = kKeys>
 __device__ __forceinline__ void reduce_tile(const AttnBwdParams& p, const float* ws, index_t slot0, index_t slot_step,
                                             int nch, int b, int g, index_t k_row0, int nk) {
   using C = Cfg<kHeadDim, kHeadDimV>;
@@ -443,7 +457,7 @@ __device__ __forceinline__ void reduce_tile(const AttnBwdParams& p, const float*
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int ch = 0; ch < nch; ++ch) {
       const float4 x =
-          *reinterpret_cast<const float4*>(ws + (slot0 + ch * slot_step) * C::kPartialFloats + kk * C::kCols + c);
+          *reinterpret_cast<const float4*>(ws + (slot0 + ch * slot_step) * (kTileKeys * C::kCols) + kk * C::kCols + c);
       s.x += x.x;
       s.y += x.y;
       s.z += x.z;
@@ -475,7 +489,7 @@ struct RangeTile {
 };
 
 // Tile slot -> (sequence, keys); false for an empty slot.
-template <bool kCompressed>
+template <bool kCompressed, int kTileKeys = kKeys>
 __device__ __forceinline__ bool range_tile_of(const AttnParams& p, index_t slot, RangeTile& t) {
   const int d = p.cmp_stride;
   index_t tile;
@@ -487,7 +501,7 @@ __device__ __forceinline__ bool range_tile_of(const AttnParams& p, index_t slot,
     t.q_row0 = 0;
     kv_begin = 0;
   } else {
-    const index_t unit = kCompressed ? static_cast<index_t>(d) * kKeys : kKeys;
+    const index_t unit = kCompressed ? static_cast<index_t>(d) * kTileKeys : kTileKeys;
     int lo = 0, hi = p.batch - 1, b = -1;
     while (lo <= hi) {
       const int mid = (lo + hi) >> 1;
@@ -507,9 +521,9 @@ __device__ __forceinline__ bool range_tile_of(const AttnParams& p, index_t slot,
     kv_begin = kCompressed ? compressed_row_begin(p.cu_seqlens, b, p.total_rows, d) : sg.row_begin;
   }
   const int nkeys = kCompressed ? num_compressed(t.seq_len, p.cmp_block, d) : t.seq_len;
-  t.key0 = tile * kKeys;
+  t.key0 = tile * kTileKeys;
   if (t.key0 >= nkeys) return false;
-  t.nk = static_cast<int>(nkeys - t.key0 < kKeys ? nkeys - t.key0 : kKeys);
+  t.nk = static_cast<int>(nkeys - t.key0 < kTileKeys ? nkeys - t.key0 : kTileKeys);
   t.k_row0 = kv_begin + t.key0;
   return true;
 }
@@ -530,15 +544,16 @@ __device__ __forceinline__ void range_tokens(const AttnParams& p, const RangeTil
 }
 
 // Grid: range_slots(p) * heads_kv * splits CTAs, unit w = (slot * H + g) * splits + chunk.
-// tile(a, partial): the work unit (dkdv_tile, or dkdv_tile_sm90 of attn_bwd_dkdv_sm90.cuh).
-template <int kHeadDim, int kHeadDimV, bool kCompressed, class Tile>
+// tile(a, partial): the work unit (dkdv_tile, dkdv_tile_sm90 of attn_bwd_dkdv_sm90.cuh, or the
+// 128-key dkdv_tile_sm90_wide of range_attn_bwd_dkdv_sm90.cuh).
+template <int kHeadDim, int kHeadDimV, bool kCompressed, int kTileKeys = kKeys, class Tile>
 __device__ __forceinline__ void range_dkdv_with(const AttnBwdParams& p, int splits, float* ws, Tile&& tile) {
   const index_t w = blockIdx.x;
   const int chunk = static_cast<int>(w % splits);
   const index_t tile_id = w / splits;
   const int g = static_cast<int>(tile_id % p.heads_kv);
   RangeTile t;
-  if (!range_tile_of<kCompressed>(p, tile_id / p.heads_kv, t)) return;
+  if (!range_tile_of<kCompressed, kTileKeys>(p, tile_id / p.heads_kv, t)) return;
   index_t tok_lo, n_tok;
   range_tokens<kCompressed>(p, t, tok_lo, n_tok);
   const index_t rows = n_tok * (p.heads_q / p.heads_kv);
@@ -561,7 +576,7 @@ __device__ __forceinline__ void range_dkdv_with(const AttnBwdParams& p, int spli
     a.r_end = a.r_begin + cr < rows ? a.r_begin + cr : rows;
     if (nch > 1) {
       const index_t n_tiles = static_cast<index_t>(gridDim.x) / splits;
-      partial = ws + (chunk * n_tiles + tile_id) * Cfg<kHeadDim, kHeadDimV>::kPartialFloats;
+      partial = ws + (chunk * n_tiles + tile_id) * (kTileKeys * Cfg<kHeadDim, kHeadDimV>::kCols);
     }
   } else if (chunk > 0) {
     return;
@@ -576,19 +591,19 @@ __device__ __forceinline__ void range_dkdv(const AttnBwdParams& p, int splits, f
 }
 
 // Grid: n_tiles = range_slots(p) * heads_kv CTAs; tiles with one chunk were written directly.
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kTileKeys = kKeys>
 __device__ __forceinline__ void range_reduce(const AttnBwdParams& p, int splits, const float* ws) {
   const index_t tile_id = blockIdx.x;
   const int g = static_cast<int>(tile_id % p.heads_kv);
   RangeTile t;
-  if (!range_tile_of<kCompressed>(p, tile_id / p.heads_kv, t)) return;
+  if (!range_tile_of<kCompressed, kTileKeys>(p, tile_id / p.heads_kv, t)) return;
   index_t tok_lo, n_tok;
   range_tokens<kCompressed>(p, t, tok_lo, n_tok);
   const index_t rows = n_tok * (p.heads_q / p.heads_kv);
   const index_t cr = range_chunk_rows(rows, splits);
   const int nch = static_cast<int>((rows + cr - 1) / cr);
   if (nch <= 1) return;
-  reduce_tile<T, kHeadDim, kHeadDimV>(p, ws, tile_id, gridDim.x, nch, t.b, g, t.k_row0, t.nk);
+  reduce_tile<T, kHeadDim, kHeadDimV, kTileKeys>(p, ws, tile_id, gridDim.x, nch, t.b, g, t.k_row0, t.nk);
 }
 
 }  // namespace dkdv

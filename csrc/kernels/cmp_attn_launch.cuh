@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cmp_attn_bwd_kernel.cuh"
+#include "range_attn_bwd_dkdv_sm90.cuh"
 #include "range_attn_bwd_dq_sm90.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -30,6 +31,16 @@ Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   cudaError_t e;
   // dK/dV: split the key tiles' query rows only when the caller gave the workspace
   // (sparse_attn_bwd_workspace_bytes(p) with mode kCompressed); without it, one chunk per tile.
+  // sm_90a: 128-key tiles on two warpgroups (range_attn_bwd_dkdv_sm90.cuh) where they apply.
+  {
+    Status wide;
+    if (sparse_detail::launch_range_dkdv_wide<T, kHeadDim, kHeadDimV, /*kCompressed=*/true>(p, p.workspace != nullptr,
+                                                                                             stream, wide)) {
+      if (!wide.ok()) return wide;
+      e = cudaGetLastError();
+      return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+    }
+  }
   using KvCfg = dkdv::Cfg<kHeadDim, kHeadDimV>;
   const index_t tiles = dkdv::range_slots(p) * p.heads_kv;
   const int splits = p.workspace != nullptr ? dkdv::range_splits(p) : 1;
@@ -37,8 +48,8 @@ Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (tiles > 0) {
     float* ws = static_cast<float*>(p.workspace);
     auto kv_kernel = sparse_detail::cmp_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    // The sm_90a tile (dkdv_tile_sm90) was slower here on the H200 (35.9 vs 31.8 ms at 64k, see
-    // bench/NOTES.md, session 9): the compressed dK/dV stays on the sm_80 kernel.
+    // The one-warpgroup sm_90a tile (dkdv_tile_sm90) was slower here on the H200 (35.9 vs 31.8 ms
+    // at 64k, bench/NOTES.md, session 9): without the wide tile, sm_80's kernel.
     e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
     kv_kernel<<<static_cast<unsigned>(tiles * splits), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p, splits, ws);

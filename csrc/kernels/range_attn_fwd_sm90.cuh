@@ -318,24 +318,6 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
 #endif
 }
 
-// Whether the sm_90a kernels can run on the current device: the image loaded for it is sm_90
-// (a build without 90a in NSA_CUDA_ARCHS, or an older card, gets the sm_80 kernels), and
-// NSA_DISABLE_WGMMA is unset (read per launch, so one process can time both paths).
-template <class Kernel>
-bool wgmma_kernel_usable(Kernel kernel) {
-  const char* off = getenv("NSA_DISABLE_WGMMA");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
-  static int cached[64];  // per device: 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    cudaFuncAttributes attr{};
-    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90;
-    cached[dev] = ok ? 1 : 2;
-  }
-  return cached[dev] == 1;
-}
-
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
 Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;

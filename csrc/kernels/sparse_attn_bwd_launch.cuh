@@ -5,6 +5,7 @@
 // nobody selected) are not written: the caller zero-fills dk and dv.
 #pragma once
 
+#include "range_attn_bwd_dkdv_sm90.cuh"
 #include "range_attn_bwd_dq_sm90.cuh"
 #include "sel_attn_dq_split.cuh"
 #include "sparse_attn_bwd_kernel.cuh"
@@ -80,7 +81,11 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
   if (!st.ok()) return st;
   cudaError_t e;
 
-  if (p.mode == AttnMode::kWindow) {
+  Status wide;
+  if (p.mode == AttnMode::kWindow &&
+      sparse_detail::launch_range_dkdv_wide<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, false, stream, wide)) {
+    if (!wide.ok()) return wide;
+  } else if (p.mode == AttnMode::kWindow) {
     const index_t ctas = dkdv::range_slots(p) * p.heads_kv;
     if (ctas > INT32_MAX) return Status{2, "too many key tiles for one launch"};
     if (ctas > 0) {

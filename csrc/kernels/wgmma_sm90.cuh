@@ -16,7 +16,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NSA_WGMMA 1
@@ -198,4 +201,25 @@ struct Wgmma<__half, 32> {
 #endif  // NSA_WGMMA
 
 }  // namespace wgmma
+namespace sparse_detail {
+
+// Whether the sm_90a kernels can run on the current device: the image loaded for it is sm_90
+// (a build without 90a in NSA_CUDA_ARCHS, or an older card, gets the sm_80 kernels), and
+// NSA_DISABLE_WGMMA is unset (read per launch, so one process can time both paths).
+template <class Kernel>
+bool wgmma_kernel_usable(Kernel kernel) {
+  const char* off = getenv("NSA_DISABLE_WGMMA");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  static int cached[64];  // per device: 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    cudaFuncAttributes attr{};
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion == 90;
+    cached[dev] = ok ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+}  // namespace sparse_detail
 }  // namespace nsa
