@@ -202,12 +202,11 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     across tiles and pads odd tile counts with a masked tile): T = 5000 gives 311 compressed keys
     (5 tiles of 64, 3 of 128 for the wide dK/dV, the last one 55 keys, the first cut into 16
     chunks at G = 16 and 2 at G = 1) and windows of 512 keys; packed and padded. `sm80` forces the
-    mma.sync kernels (NSA_DISABLE_WGMMA), `narrow_dkdv` the 64-key dK/dV tiles (NSA_DKDV_WIDE=0),
-    so on an H100 every path is checked."""
-    if kernel == "sm80":
-        monkeypatch.setenv("NSA_DISABLE_WGMMA", "1")
-    if kernel == "narrow_dkdv":
-        monkeypatch.setenv("NSA_DKDV_WIDE", "0")
+    mma.sync kernels (NSA_DISABLE_WGMMA), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
+    wgmma forward and dQ (NSA_DKDV_WIDE=0), so on an H100 every path is checked."""
+    env = {"sm80": "NSA_DISABLE_WGMMA", "narrow_dkdv": "NSA_DKDV_WIDE"}
+    if kernel in env:
+        monkeypatch.setenv(env[kernel], "1" if kernel == "sm80" else "0")
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
     cu = cu_of([4100, 1, 900])
     check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)

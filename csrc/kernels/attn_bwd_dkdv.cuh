@@ -76,7 +76,7 @@ NSA_HOST_DEVICE index_t partial_floats(const AttnParams& p) {
 // with base(b) = floor(cu[b] / U) + b, U = positions per tile (64 * d compressed, 64 window):
 // disjoint because floor((a+T)/U) - floor(a/U) + 1 >= ceil(T/U) >= ntiles; some slots are empty.
 
-// kTileKeys: keys per tile, 64 (the CTAs of dkdv_tile / dkdv_tile_sm90) or 128 (the two
+// kTileKeys: keys per tile, 64 (the CTAs of dkdv_tile) or 128 (the two
 // warpgroups of range_attn_bwd_dkdv_sm90.cuh); every helper below takes it.
 template <int kTileKeys = kKeys>
 NSA_HOST_DEVICE int range_unit(const AttnParams& p) {
@@ -544,8 +544,8 @@ __device__ __forceinline__ void range_tokens(const AttnParams& p, const RangeTil
 }
 
 // Grid: range_slots(p) * heads_kv * splits CTAs, unit w = (slot * H + g) * splits + chunk.
-// tile(a, partial): the work unit (dkdv_tile, dkdv_tile_sm90 of attn_bwd_dkdv_sm90.cuh, or the
-// 128-key dkdv_tile_sm90_wide of range_attn_bwd_dkdv_sm90.cuh).
+// tile(a, partial): the work unit (dkdv_tile, or the 128-key dkdv_tile_sm90_wide of
+// range_attn_bwd_dkdv_sm90.cuh).
 template <int kHeadDim, int kHeadDimV, bool kCompressed, int kTileKeys = kKeys, class Tile>
 __device__ __forceinline__ void range_dkdv_with(const AttnBwdParams& p, int splits, float* ws, Tile&& tile) {
   const index_t w = blockIdx.x;

@@ -48,8 +48,6 @@ Status run_cmp_attn_bwd(const AttnBwdParams& p, cudaStream_t stream) {
   if (tiles > 0) {
     float* ws = static_cast<float*>(p.workspace);
     auto kv_kernel = sparse_detail::cmp_attn_bwd_dkdv_kernel<T, kHeadDim, kHeadDimV>;
-    // The one-warpgroup sm_90a tile (dkdv_tile_sm90) was slower here on the H200 (35.9 vs 31.8 ms
-    // at 64k, bench/NOTES.md, session 9): without the wide tile, sm_80's kernel.
     e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
     if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
     kv_kernel<<<static_cast<unsigned>(tiles * splits), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p, splits, ws);

@@ -3,8 +3,9 @@
 // rows [r_begin, r_end) of their row list through shared memory 64 rows per step, so every
 // Q / dO tile feeds 128 keys and every S^T product has N = 64.
 //
-// Why not dkdv_tile_sm90 (attn_bwd_dkdv_sm90.cuh, one warpgroup, 64 keys, 32 rows per step):
-// on the compressed branch it was slower than sm_80's mma.sync tile (35.9 vs 31.8 ms at 64k).
+// Why not one warpgroup on a 64-key tile with 32 rows per step (session 9's dkdv_tile_sm90, removed
+// in session 12; git history): on the compressed branch it was slower than sm_80's mma.sync tile
+// (35.9 vs 31.8 ms at 64k), on the window 9.0 -> 8.2 ms only.
 // At N = 32 the SS products S^T = K Q^T and dP^T = V dO^T read as many operand bytes from shared
 // memory per FLOP as the tensor core can use, each 2.1 MFLOP step paid a CTA barrier and the
 // loader's share of the rows, and carrying S^T of the next step in flight took 255 registers
@@ -51,8 +52,7 @@ struct WideCfg {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// NSA_DKDV_WIDE=0 keeps the earlier kernels (compressed: sm_80's tile, window: dkdv_tile_sm90),
-// read per launch so one process can time both.
+// NSA_DKDV_WIDE=0 runs sm_80's 64-key tile instead (read per launch, so one process can time both).
 inline bool wide_dkdv_enabled() {
   const char* e = getenv("NSA_DKDV_WIDE");
   return e == nullptr || e[0] == '\0' || e[0] != '0';

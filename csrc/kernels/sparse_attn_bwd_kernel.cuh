@@ -15,7 +15,6 @@
 #pragma once
 
 #include "attn_bwd_dkdv.cuh"
-#include "attn_bwd_dkdv_sm90.cuh"
 #include "attn_bwd_dq.cuh"
 
 namespace nsa {
@@ -79,12 +78,6 @@ __global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
     sparse_attn_bwd_dkdv_window_kernel(const AttnBwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   dkdv::range_dkdv<T, kHeadDim, kHeadDimV, /*kCompressed=*/false>(p, 1, nullptr, smem_raw);
-}
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(128, 2) sparse_attn_bwd_dkdv_window_sm90_kernel(const AttnBwdParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  dkdv::range_dkdv_with<kHeadDim, kHeadDimV, /*kCompressed=*/false>(
-      p, 1, nullptr, [&](const dkdv::TileArgs& a, float* partial) { dkdv::dkdv_tile_sm90<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw); });
 }
 
 // Selected: bucket u (bucket_of's numbering) and 64-key sub-tile `sub` of its block -> keys;

@@ -90,15 +90,7 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     if (ctas > INT32_MAX) return Status{2, "too many key tiles for one launch"};
     if (ctas > 0) {
       auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_window_kernel<T, kHeadDim, kHeadDimV>;
-      int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
-      if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
-        auto sm90 = sparse_detail::sparse_attn_bwd_dkdv_window_sm90_kernel<T, kHeadDim, kHeadDimV>;
-        if (sparse_detail::wgmma_kernel_usable(sm90)) {  // same grid, one warpgroup per 64-key tile
-          kv_kernel = sm90;
-          threads = dkdv::SmCfg<kHeadDim, kHeadDimV>::kThreads;
-          smem = dkdv::SmCfg<kHeadDim, kHeadDimV>::kSmemBytes;
-        }
-      }
+      const int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
       e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
       kv_kernel<<<static_cast<unsigned>(ctas), threads, smem, stream>>>(p);

@@ -1,14 +1,18 @@
-"""A/B of the range branches' dK/dV kernels on sm_90a: the 128-key two-warpgroup tile
-(range_attn_bwd_dkdv_sm90.cuh, the default) against the earlier ones (NSA_DKDV_WIDE=0: sm_80's
-mma.sync tile for the compressed branch, the one-warpgroup wgmma tile for the window), read per
-launch, so one process times both. Headline D = 128, H = 4, G = 16 and 4, T = 8k / 16k / 64k.
+"""A/B of the range branches' backward kernels on sm_90a through an environment switch that the
+launchers read per launch, so one process times both settings ("0" and "1"). Headline D = 128,
+H = 4, G = 16 and 4, T = 8k / 16k / 64k.
 
-Per case: the dK/dV kernels' device time (torch.profiler, kernels whose name holds "dkdv",
-reduce included), its TFLOP/s on the four products (S, dP, dV, dK) over the attended pairs, the
-whole backward's time (autograd.grad after one forward), and the max |difference| of dk / dv
-from the other variant (fp32 sums in a different order: rounding only).
+  --switch NSA_DKDV_WIDE --kernel dkdv (default): the 128-key two-warpgroup dK/dV tile
+      (range_attn_bwd_dkdv_sm90.cuh, "1") against sm_80's 64-key tile ("0").
+  --switch NAME --kernel bwd_dq: the dQ kernels under another switch (session 12 timed
+      bench/patches/range-dq-serial-tiles.patch's NSA_RANGE_DQ_OVERLAP this way).
 
-    python tools/ab_dkdv_wide.py [--T 8192 16384 65536]
+Per case: the selected kernels' device time (torch.profiler, kernels whose name holds --kernel),
+its TFLOP/s on their products over the attended pairs (dK/dV: S, dP, dV, dK; dQ: S, dP, dQ),
+the whole backward's time (autograd.grad after one forward), and the max |difference| of the
+gradients from the other setting (fp32 sums in another order: rounding only).
+
+    python tools/ab_range_bwd.py [--T 8192 16384 65536] [--switch NAME --kernel SUBSTRING]
 """
 import argparse
 import os
@@ -29,7 +33,7 @@ def window_pairs(T: int) -> int:
     return sum(min(t + 1, W) for t in range(T)) if T < 4096 else (W * (W + 1)) // 2 + (T - W) * W
 
 
-def dkdv_us(fn, iters: int = 5) -> float:
+def kernel_us(fn, which: str, iters: int = 5) -> float:
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -38,7 +42,7 @@ def dkdv_us(fn, iters: int = 5) -> float:
         torch.cuda.synchronize()
     total = 0.0
     for ev in prof.key_averages():
-        if "dkdv" in ev.key:
+        if which in ev.key:
             for name in ("self_device_time_total", "self_cuda_time_total"):
                 v = getattr(ev, name, None)
                 if v is not None:
@@ -50,7 +54,10 @@ def dkdv_us(fn, iters: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 65536])
+    ap.add_argument("--switch", default="NSA_DKDV_WIDE")
+    ap.add_argument("--kernel", default="dkdv")
     args = ap.parse_args()
+    products = 3 if "dq" in args.kernel else 4
     print(f"card: {common.card()}")
     for HQ in (64, 16):
         for T in args.T:
@@ -67,20 +74,19 @@ def main() -> None:
                      ("win", lambda: torch.autograd.grad(o_win, (q, k, v), dout, retain_graph=True), window_pairs(T)))
             for name, f, pairs in cases:
                 res = {}
-                for label, env in (("narrow", "0"), ("wide", "1")):
-                    os.environ["NSA_DKDV_WIDE"] = env
-                    res[label] = (dkdv_us(f), common.median_ms(f, 2, 5), f())
-                flops = 2.0 * pairs * HQ * D * 4  # S^T, dP^T, dV, dK
+                for label in ("0", "1"):
+                    os.environ[args.switch] = label
+                    res[label] = (kernel_us(f, args.kernel), common.median_ms(f, 2, 5), f())
+                flops = 2.0 * pairs * HQ * D * products
                 line = f"{name} G={HQ // H} T={T}:"
                 for label, (us, ms, g) in res.items():
-                    other = res["narrow" if label == "wide" else "wide"][2]
-                    ddk = (g[1].float() - other[1].float()).abs().max().item()
-                    ddv = (g[2].float() - other[2].float()).abs().max().item()
-                    line += (f"  {label} dkdv {us / 1e3:.3f} ms ({flops / us / 1e6:.0f} TFLOP/s), bwd {ms:.3f} ms,"
-                             f" |ddk| {ddk:.2e} |ddv| {ddv:.2e};")
-                line += f"  dkdv speedup {res['narrow'][0] / res['wide'][0]:.2f}x"
+                    other = res["0" if label == "1" else "1"][2]
+                    diffs = " ".join(f"|d{n}| {(a.float() - b.float()).abs().max().item():.2e}"
+                                     for n, a, b in zip(("dq", "dk", "dv"), g, other))
+                    line += f"  {args.switch}={label}: {args.kernel} {us / 1e3:.3f} ms ({flops / us / 1e6:.0f} TFLOP/s), bwd {ms:.3f} ms, {diffs};"
+                line += f"  speedup of 1 over 0: {res['0'][0] / res['1'][0]:.2f}x"
                 print(line, flush=True)
-            os.environ.pop("NSA_DKDV_WIDE", None)
+            os.environ.pop(args.switch, None)
             del q, k, v, kc, vc, o_cmp, o_win
             torch.cuda.empty_cache()
 
