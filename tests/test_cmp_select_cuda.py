@@ -195,7 +195,7 @@ def test_nsa_training_step_on_cuda():
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("kernel", ["default", "narrow_dkdv", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "narrow_dkdv", "one_wg_dkdv", "sm80"])
 @pytest.mark.parametrize("G", [1, 16])
 def test_range_forward_many_tiles(kernel, G, monkeypatch):
     """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
@@ -203,10 +203,11 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     (5 tiles of 64, 3 of 128 for the wide dK/dV, the last one 55 keys, the first cut into 16
     chunks at G = 16 and 2 at G = 1) and windows of 512 keys; packed and padded. `sm80` forces the
     mma.sync kernels (NSA_DISABLE_WGMMA), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
-    wgmma forward and dQ (NSA_DKDV_WIDE=0), so on an H100 every path is checked."""
-    env = {"sm80": "NSA_DISABLE_WGMMA", "narrow_dkdv": "NSA_DKDV_WIDE"}
+    wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
+    64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
+    env = {"sm80": ("NSA_DISABLE_WGMMA", "1"), "narrow_dkdv": ("NSA_DKDV_WIDE", "0"), "one_wg_dkdv": ("NSA_DKDV_SM90_WGS", "1")}
     if kernel in env:
-        monkeypatch.setenv(env[kernel], "1" if kernel == "sm80" else "0")
+        monkeypatch.setenv(*env[kernel])
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
     cu = cu_of([4100, 1, 900])
     check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)

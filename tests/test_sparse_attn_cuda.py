@@ -237,6 +237,28 @@ def test_selected_split_walk_unsorted_duplicates(monkeypatch):
     torch.testing.assert_close(lse, lse_ref, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tile", ["default", "sm80"])
+@pytest.mark.parametrize("case", ["blocks32", "blocks64", "blocks128", "g1", "g16", "varlen", "fp16", "long_lists"])
+def test_selected_dkdv_tiles(case, tile, monkeypatch):
+    """The selected branch's dK/dV on its sm_90a default (the one-warpgroup wgmma tile; other
+    cards and head dims run sm_80's tile) and on sm_80's tile forced (NSA_SEL_DKDV_SM90=0): l' = 32
+    / 64 / 128 (two 64-key units per block), G = 1 / 4 / 16, packed, fp16, and lists long enough
+    to be cut into chunks whose partials the reduce kernel adds."""
+    if tile == "sm80":
+        monkeypatch.setenv("NSA_SEL_DKDV_SM90", "0")
+    if case.startswith("blocks"):
+        run_case("sel", (2, 333), 2, 4, 64, 64, torch.bfloat16, sel_block=int(case[6:]), top_n=5)
+    elif case in ("g1", "g16"):
+        run_case("sel", (2, 150), 2, int(case[1:]), 128, 128, torch.bfloat16)
+    elif case == "varlen":
+        cu = cu_of([1, 37, 70, 0, 5, 200, 129])
+        run_case("sel", (int(cu[-1]),), 2, 4, 128, 128, torch.bfloat16, cu=cu, top_n=3)
+    elif case == "fp16":
+        run_case("sel", (2, 200), 2, 4, 128, 128, torch.float16)
+    else:
+        run_case("sel", (1, 4096), 2, 16, 128, 128, torch.bfloat16, top_n=16)
+
+
 @pytest.mark.parametrize("Dk,Dv", [(192, 128), (256, 256)])
 def test_selected_adaptive_width_head_dims(Dk, Dv):
     """The per-group widths at the wide head dims: the 2-row-group dQ CTAs at D = 256 are 4 warps

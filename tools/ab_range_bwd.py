@@ -1,4 +1,4 @@
-"""A/B of the range branches' backward kernels on sm_90a through an environment switch that the
+"""A/B of the backward kernels on sm_90a through an environment switch that the
 launchers read per launch, so one process times both settings ("0" and "1"). Headline D = 128,
 H = 4, G = 16 and 4, T = 8k / 16k / 64k.
 
@@ -6,6 +6,9 @@ H = 4, G = 16 and 4, T = 8k / 16k / 64k.
       (range_attn_bwd_dkdv_sm90.cuh, "1") against sm_80's 64-key tile ("0").
   --switch NAME --kernel bwd_dq: the dQ kernels under another switch (session 12 timed
       bench/patches/range-dq-serial-tiles.patch's NSA_RANGE_DQ_OVERLAP this way).
+  --switch NSA_SEL_DKDV_SM90 --branches sel: the selected branch's dK/dV on the one-warpgroup
+      wgmma tile ("1", the default) or sm_80's ("0"), on lists shared by 16 neighbours and on independent ones
+      (bench_sparse_attn.make_block_idx, l' = 64, n = 16).
 
 Per case: the selected kernels' device time (torch.profiler, kernels whose name holds --kernel),
 its TFLOP/s on their products over the attended pairs (dK/dV: S, dP, dV, dK; dQ: S, dP, dQ),
@@ -25,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import common  # noqa: E402
 import nsa_cuda  # noqa: E402
 from bench_cmp_select import visible_pairs  # noqa: E402
+from bench_sparse_attn import attended_keys_selected, make_block_idx  # noqa: E402
 
 D, H, W = 128, 4, 512
 
@@ -56,6 +60,7 @@ def main() -> None:
     ap.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 65536])
     ap.add_argument("--switch", default="NSA_DKDV_WIDE")
     ap.add_argument("--kernel", default="dkdv")
+    ap.add_argument("--branches", nargs="+", default=["cmp", "win"], choices=["cmp", "win", "sel"])
     args = ap.parse_args()
     products = 3 if "dq" in args.kernel else 4
     print(f"card: {common.card()}")
@@ -70,9 +75,17 @@ def main() -> None:
             dout = torch.randn(1, T, HQ, D, device="cuda", dtype=torch.bfloat16)
             o_cmp = nsa_cuda.compressed_attention(q, kc, vc)[0]
             o_win = nsa_cuda.window_attention(q, k, v, window=W)[0]
-            cases = (("cmp", lambda: torch.autograd.grad(o_cmp, (q, kc, vc), dout, retain_graph=True), visible_pairs(T)),
-                     ("win", lambda: torch.autograd.grad(o_win, (q, k, v), dout, retain_graph=True), window_pairs(T)))
+            cases = [("cmp", lambda: torch.autograd.grad(o_cmp, (q, kc, vc), dout, retain_graph=True), visible_pairs(T)),
+                     ("win", lambda: torch.autograd.grad(o_win, (q, k, v), dout, retain_graph=True), window_pairs(T))]
+            if "sel" in args.branches:
+                for kind, redraw in (("shared", 16), ("independent", 1)):
+                    idx = make_block_idx(T, H, 16, 64, redraw=redraw)
+                    o_sel = nsa_cuda.selected_attention(q, k, v, idx, sel_block=64)[0]
+                    cases.append((f"sel-{kind}", lambda o_sel=o_sel: torch.autograd.grad(o_sel, (q, k, v), dout, retain_graph=True),
+                                  attended_keys_selected(idx, 64) / H))  # per token, like the others
             for name, f, pairs in cases:
+                if name.split("-")[0] not in args.branches:
+                    continue
                 res = {}
                 for label in ("0", "1"):
                     os.environ[args.switch] = label

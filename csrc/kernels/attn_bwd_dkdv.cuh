@@ -223,6 +223,25 @@ __device__ __forceinline__ void key_token_window(const AttnParams& p, const Tile
   hi_out = static_cast<int>(hi < INT_MAX ? hi : INT_MAX);
 }
 
+// The query side of a tile's rows: Q / dO at the first query head of KV head a.g in the tile's
+// sequence, and lse / delta at the same place (rows indexed by token row and head offset).
+template <typename T>
+struct TileQuery {
+  const T* q;
+  const T* dout;
+  const float* lse;
+  const float* delta;
+  __device__ __forceinline__ TileQuery(const AttnBwdParams& p, const TileArgs& a) {
+    const bool packed = p.cu_seqlens != nullptr;
+    const index_t G = p.heads_q / p.heads_kv;
+    q = static_cast<const T*>(p.q) + (packed ? 0 : a.b * p.q_stride.batch) + a.g * G * p.q_stride.head;
+    dout = static_cast<const T*>(p.dout) + (packed ? 0 : a.b * p.dout_stride.batch) + a.g * G * p.dout_stride.head;
+    const index_t lse_off = (packed ? 0 : a.b * p.lse_batch_stride) + a.g * G;
+    lse = p.lse + lse_off;
+    delta = p.delta + lse_off;
+  }
+};
+
 // partial == nullptr: write dK (scaled) and dV of the valid keys in T; else write the fp32 tile
 // [kKeys][Dk + Dv] (rows of keys >= nk hold zeros or nothing; the reduction skips them).
 // Warp w owns keys [16 (w % 4), +16) and dK / dV columns half w / 4 (D = 256) or all.
@@ -253,13 +272,9 @@ __device__ __forceinline__ void dkdv_tile(const AttnBwdParams& p, const TileArgs
   auto stage_lse = [&](int st) { return reinterpret_cast<float*>(stage_tok(st) + kStep); };
   auto stage_delta = [&](int st) { return stage_lse(st) + kStep; };
 
-  const T* q = static_cast<const T*>(p.q) + (packed ? 0 : a.b * p.q_stride.batch) +
-               static_cast<index_t>(a.g) * G * p.q_stride.head;
-  const T* dout = static_cast<const T*>(p.dout) + (packed ? 0 : a.b * p.dout_stride.batch) +
-                  static_cast<index_t>(a.g) * G * p.dout_stride.head;
-  const index_t lse_off = (packed ? 0 : a.b * p.lse_batch_stride) + static_cast<index_t>(a.g) * G;
-  const float* lse = p.lse + lse_off;
-  const float* delta = p.delta + lse_off;
+  const TileQuery<T> tq(p, a);
+  const T *q = tq.q, *dout = tq.dout;
+  const float *lse = tq.lse, *delta = tq.delta;
 
   float dk_acc[kDkCols / 8][4], dv_acc[kDvCols / 8][4];
 #pragma unroll

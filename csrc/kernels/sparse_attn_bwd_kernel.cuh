@@ -15,6 +15,7 @@
 #pragma once
 
 #include "attn_bwd_dkdv.cuh"
+#include "attn_bwd_dkdv_sm90.cuh"
 #include "attn_bwd_dq.cuh"
 
 namespace nsa {
@@ -126,11 +127,13 @@ __device__ __forceinline__ bool sel_tile_of(const AttnParams& p, index_t u, int 
 }
 
 // Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan).
-template <typename T, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
-    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
-                                index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+// Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan);
+// tile(args, partial) runs a 64-key tile (dkdv_tile, or the one-warpgroup dkdv_tile_sm90_wide:
+// the same partial layout).
+template <class Tile>
+__device__ __forceinline__ void sel_dkdv_unit(const AttnBwdParams& p, const int* sorted_tokens, const dkdv::SelArrays& arr,
+                                              index_t chunk_rows, int tpb, index_t max_partials, float* ws,
+                                              int partial_floats, Tile&& tile) {
   const index_t w = blockIdx.x;
   const int k = arr.map[w];
   if (k < 0) return;
@@ -156,9 +159,33 @@ __global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
   float* partial = nullptr;
   if (nch > 1) {
     if (w >= max_partials) return;  // cannot happen: multi-chunk lists sort first (SelPlan)
-    partial = ws + w * dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats;
+    partial = ws + w * partial_floats;
   }
-  dkdv::dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw);
+  tile(a, partial);
+}
+
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(dkdv::Cfg<kHeadDim, kHeadDimV>::kThreads)
+    sparse_attn_bwd_dkdv_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
+                                index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
+                [&](const dkdv::TileArgs& a, float* partial) { dkdv::dkdv_tile<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw); });
+}
+
+// The same units on the one-warpgroup wgmma tile, two CTAs per SM (the sm_90a default;
+// NSA_SEL_DKDV_SM90=0 keeps sm_80's).
+template <typename T, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(128, 2)
+    sparse_attn_bwd_dkdv_sm90_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
+                                     index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
+    sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
+                  [&](const dkdv::TileArgs& a, float* partial) {
+                    dkdv::dkdv_tile_sm90_wide<T, kHeadDim, kHeadDimV, 1>(p, a, partial, smem_raw);
+                  });
+  }
 }
 
 // Selected: one CTA per (k-th longest list, sub-tile) of the lists with >= 2 chunks; adds the
