@@ -205,9 +205,10 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     mma.sync kernels (NSA_DISABLE_WGMMA), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
     wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
     64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
-    env = {"sm80": ("NSA_DISABLE_WGMMA", "1"), "narrow_dkdv": ("NSA_DKDV_WIDE", "0"), "one_wg_dkdv": ("NSA_DKDV_SM90_WGS", "1")}
-    if kernel in env:
-        monkeypatch.setenv(*env[kernel])
+    env = {"sm80": [("NSA_DISABLE_WGMMA", "1")], "narrow_dkdv": [("NSA_DKDV_WIDE", "0")],
+           "one_wg_dkdv": [("NSA_DKDV_SM90_WGS", "1")]}
+    for name, value in env.get(kernel, []):
+        monkeypatch.setenv(name, value)
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
     cu = cu_of([4100, 1, 900])
     check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)

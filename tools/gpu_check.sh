@@ -9,7 +9,7 @@
 # --no-bench  skip the benchmarks; --bench NAME runs only bench_NAME* (C++ and Python)
 # --long      also run the 1M-token tests (NSA_LONG_TESTS=1; minutes, ~90 GB of GPU memory)
 # On sm_90 cards it also builds and runs tools/probes/*.cu (instruction-convention probes) and,
-# with the benchmarks, tools/ab_wgmma_range.py, tools/ab_range_bwd.py and tools/ab_select_sm90.py (wgmma vs sm_80 kernels
+# with the benchmarks, tools/ab_wgmma_range.py, tools/ab_kernel_switch.py and tools/ab_select_sm90.py (wgmma vs sm_80 kernels
 # on the same card).
 # The GPU machine has no package registry: carry the nvidia-cutlass wheel in .whl/ (see README).
 set -uo pipefail
@@ -115,7 +115,7 @@ if [ $BENCH = 1 ]; then
   done
   # sm_90 cards: the wgmma kernels against the sm_80 ones on the same card (one process)
   if [ "$BENCH_GLOB" = "bench_*" ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | grep -q '^9\.0'; then
-    for ab in tools/ab_wgmma_range.py tools/ab_range_bwd.py tools/ab_select_sm90.py; do
+    for ab in tools/ab_wgmma_range.py tools/ab_kernel_switch.py tools/ab_select_sm90.py; do
       echo "==== $ab" >> "$OUT/bench.log"
       $PY "$ab" > /tmp/bench_one.log 2>&1; brc=$?
       cat /tmp/bench_one.log >> "$OUT/bench.log"
