@@ -1,5 +1,6 @@
 // sm_90a dK / dV tile on warpgroup MMAs, used by the range branches' kernels
-// (range_attn_bwd_dkdv_sm90.cuh) and, as an option, the selected branch's (sparse_attn_bwd_kernel.cuh).
+// (range_attn_bwd_dkdv_sm90.cuh, two warpgroups) and the selected branch's (sparse_attn_bwd_kernel.cuh,
+// one warpgroup).
 // With two warpgroups a CTA owns 128 keys of one KV head (warpgroup w the keys [64 w, 64 w + 64))
 // and streams the query rows [r_begin, r_end) of their row list through shared memory 64 rows
 // per step, so every Q / dO tile feeds 128 keys and every S^T product has N = 64.
@@ -66,7 +67,7 @@ inline bool wide_dkdv_enabled() {
 }
 
 // partial == nullptr: write dK (scaled) and dV of the valid keys in T; else the fp32 tile
-// [128][Dk + Dv] (rows of keys >= nk: whatever; the reduction skips them).
+// [64 x kWarpGroups][Dk + Dv] (rows of keys >= nk: whatever; the reduction skips them).
 template <typename T, int kHeadDim, int kHeadDimV, int kWarpGroups = 2>
 __device__ __forceinline__ void dkdv_tile_sm90_wide(const AttnBwdParams& p, const TileArgs& a, float* partial,
                                                     unsigned char* smem_raw) {
