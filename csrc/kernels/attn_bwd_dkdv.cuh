@@ -124,7 +124,7 @@ template <int kTileKeys>
 NSA_HOST_DEVICE size_t range_workspace_bytes_for(const AttnParams& p) {
   const int s = range_splits<kTileKeys>(p);
   if (s <= 1) return 0;
-  return static_cast<size_t>(s) * range_slots<kTileKeys>(p) * p.heads_kv * (partial_floats(p) / kKeys * kTileKeys) *
+  return static_cast<size_t>(s) * range_slots<kTileKeys>(p) * p.heads_kv * kTileKeys * (p.head_dim_qk + p.head_dim_v) *
          sizeof(float);
 }
 

@@ -126,7 +126,6 @@ __device__ __forceinline__ bool sel_tile_of(const AttnParams& p, index_t u, int 
   return true;
 }
 
-// Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan).
 // Selected: unit w -> (k-th longest list, chunk, sub-tile) through arr.map (dkdv::SelPlan);
 // tile(args, partial) runs a 64-key tile (dkdv_tile, or the one-warpgroup dkdv_tile_sm90_wide:
 // the same partial layout).
@@ -180,12 +179,10 @@ __global__ void __launch_bounds__(128, 2)
     sparse_attn_bwd_dkdv_sm90_kernel(const AttnBwdParams p, const int* sorted_tokens, const dkdv::SelArrays arr,
                                      index_t chunk_rows, int tpb, index_t max_partials, float* ws) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
-    sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
-                  [&](const dkdv::TileArgs& a, float* partial) {
-                    dkdv::dkdv_tile_sm90_wide<T, kHeadDim, kHeadDimV, 1>(p, a, partial, smem_raw);
-                  });
-  }
+  sel_dkdv_unit(p, sorted_tokens, arr, chunk_rows, tpb, max_partials, ws, dkdv::Cfg<kHeadDim, kHeadDimV>::kPartialFloats,
+                [&](const dkdv::TileArgs& a, float* partial) {
+                  dkdv::dkdv_tile_sm90_wide<T, kHeadDim, kHeadDimV, 1>(p, a, partial, smem_raw);
+                });
 }
 
 // Selected: one CTA per (k-th longest list, sub-tile) of the lists with >= 2 chunks; adds the

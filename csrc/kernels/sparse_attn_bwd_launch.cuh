@@ -90,10 +90,9 @@ Status run_sparse_attn_bwd(const AttnBwdParams& p, const int* sorted_keys, const
     if (ctas > INT32_MAX) return Status{2, "too many key tiles for one launch"};
     if (ctas > 0) {
       auto kv_kernel = sparse_detail::sparse_attn_bwd_dkdv_window_kernel<T, kHeadDim, kHeadDimV>;
-      const int threads = KvCfg::kThreads, smem = KvCfg::kSmemBytes;
-      e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      e = cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, KvCfg::kSmemBytes);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-      kv_kernel<<<static_cast<unsigned>(ctas), threads, smem, stream>>>(p);
+      kv_kernel<<<static_cast<unsigned>(ctas), KvCfg::kThreads, KvCfg::kSmemBytes, stream>>>(p);
     }
   } else if (num_pairs > 0 && sorted_tokens != nullptr && p.workspace != nullptr) {
     (void)sorted_keys;  // consumed by the bucket pass in sparse_attn_bwd_cuda
