@@ -66,6 +66,119 @@ inline bool wide_dkdv_enabled() {
   return e == nullptr || e[0] == '\0' || e[0] != '0';
 }
 
+// The end of a wide-tile unit: this thread's rows of dK / dV (dK scaled) into dk / dv, or unscaled
+// into the unit's fp32 partial ([keys][kCols]: dK columns, then dV) when it is one chunk of many.
+template <typename T, int kHeadDim, int kHeadDimV, int kCols>
+__device__ __forceinline__ void store_dkdv_wide(const AttnBwdParams& p, const TileArgs& a, float* partial, int key_base,
+                                                const float (&dk_acc)[kHeadDim / 8][4],
+                                                const float (&dv_acc)[kHeadDimV / 8][4], int gid, int tig) {
+  const bool packed = p.cu_seqlens != nullptr;
+  if (key_base >= a.nk) return;
+  if (partial != nullptr) {
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      float* row = partial + (key_base + gid + ri * 8) * kCols;
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; ++n)
+        *reinterpret_cast<float2*>(row + n * 8 + 2 * tig) = make_float2(dk_acc[n][ri * 2], dk_acc[n][ri * 2 + 1]);
+#pragma unroll
+      for (int n = 0; n < kHeadDimV / 8; ++n)
+        *reinterpret_cast<float2*>(row + kHeadDim + n * 8 + 2 * tig) = make_float2(dv_acc[n][ri * 2], dv_acc[n][ri * 2 + 1]);
+    }
+    return;
+  }
+  T* dk = static_cast<T*>(p.dk) + (packed ? 0 : a.b * p.dk_stride.batch) + static_cast<index_t>(a.g) * p.dk_stride.head;
+  T* dv = static_cast<T*>(p.dv) + (packed ? 0 : a.b * p.dv_stride.batch) + static_cast<index_t>(a.g) * p.dv_stride.head;
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int kk = key_base + gid + ri * 8;
+    if (kk >= a.nk) continue;
+    T* krow = dk + (a.k_row0 + kk) * p.dk_stride.row;
+    T* vrow = dv + (a.k_row0 + kk) * p.dv_stride.row;
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; ++n)
+      *reinterpret_cast<uint32_t*>(krow + n * 8 + 2 * tig) =
+          mma::pack2<T>(dk_acc[n][ri * 2] * p.scale, dk_acc[n][ri * 2 + 1] * p.scale);
+#pragma unroll
+    for (int n = 0; n < kHeadDimV / 8; ++n)
+      *reinterpret_cast<uint32_t*>(vrow + n * 8 + 2 * tig) = mma::pack2<T>(dv_acc[n][ri * 2], dv_acc[n][ri * 2 + 1]);
+  }
+}
+
+// One step of a warpgroup of the wide tile (its 64 keys against the step's kN query rows), every
+// wgmma waited for inside: S^T = K Q^T and dP^T = V dO^T (SS), then P^T and dS^T under the rows'
+// lse / delta / key masks straight into A fragments, then dV += P^T dO and dK += dS^T Q (RS, dO
+// and Q read MN-major from their K-major step tiles). info: the step's [kN] tokens (-1: off),
+// [kN] lse, [kN] delta. k_base / v_base: this warpgroup's keys (the callers hide them from
+// hoisting).
+template <typename T, int kHeadDim, int kHeadDimV, int kTK, int kN>
+__device__ __forceinline__ void wide_step_products(uint32_t k_base, uint32_t v_base, uint32_t q_addr, uint32_t do_addr,
+                                                   const int* info, const int (&key_lo)[2], const int (&key_hi)[2],
+                                                   float scale_log2, int tig, float (&dk_flat)[kHeadDim / 2],
+                                                   float (&dv_flat)[kHeadDimV / 2]) {
+#ifdef NSA_WGMMA
+  float s[kN / 2], dp[kN / 2];
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk)
+    wgmma::Wgmma<T, kN>::ss(s, wgmma::make_desc(k_base + (kk / 4) * kTK * 128 + (kk % 4) * 32, 16, 1024),
+                            wgmma::make_desc(q_addr + (kk / 4) * kN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < kHeadDimV / 16; ++kk)
+    wgmma::Wgmma<T, kN>::ss(dp, wgmma::make_desc(v_base + (kk / 4) * kTK * 128 + (kk % 4) * 32, 16, 1024),
+                            wgmma::make_desc(do_addr + (kk / 4) * kN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+  wgmma::commit();
+  wgmma::wait<0>();
+  wgmma::fence_operands(s);
+  wgmma::fence_operands(dp);
+
+  // P^T and dS^T, packed straight into the A fragments of the RS products.
+  uint32_t pa[kN / 16][4], da[kN / 16][4];
+  {
+    const int* inf = info;
+    const float* s_lse = reinterpret_cast<const float*>(inf + kN);
+    const float* s_delta = reinterpret_cast<const float*>(inf + 2 * kN);
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+      float pr2[2][2], ds2[2][2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n * 8 + 2 * tig + e;
+        const int tok = inf[col];
+        const float l = s_lse[col];
+        const float lse_l2 = l == -INFINITY ? INFINITY : l * sparse_detail::kLog2e;  // no key: P = 0
+        const float dl = s_delta[col];
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          const bool ok = tok >= key_lo[ri] && tok <= key_hi[ri];
+          const float pr = exp2f(fmaf(s[4 * n + 2 * ri + e], scale_log2, -lse_l2));
+          const float d = pr * (dp[4 * n + 2 * ri + e] - dl);
+          pr2[ri][e] = ok ? pr : 0.f;
+          ds2[ri][e] = ok ? d : 0.f;
+        }
+      }
+      // C tile n (columns 8n ..) is half of A fragment n / 2: x = 2 (n % 2) + ri
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        pa[n / 2][2 * (n % 2) + ri] = mma::pack2<T>(pr2[ri][0], pr2[ri][1]);
+        da[n / 2][2 * (n % 2) + ri] = mma::pack2<T>(ds2[ri][0], ds2[ri][1]);
+      }
+    }
+  }
+
+  wgmma::fence();
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    wgmma::Wgmma<T, kHeadDimV>::rs_mn(dv_flat, pa[kk], wgmma::make_desc(do_addr + kk * 2 * 1024, kN * 128, 1024));
+    wgmma::Wgmma<T, kHeadDim>::rs_mn(dk_flat, da[kk], wgmma::make_desc(q_addr + kk * 2 * 1024, kN * 128, 1024));
+  }
+  wgmma::commit();
+  wgmma::wait<0>();  // the stage may be overwritten after the next barrier
+  wgmma::fence_operands(dk_flat);
+  wgmma::fence_operands(dv_flat);
+#endif
+}
+
 // partial == nullptr: write dK (scaled) and dV of the valid keys in T; else the fp32 tile
 // [64 x kWarpGroups][Dk + Dv] (rows of keys >= nk: whatever; the reduction skips them).
 template <typename T, int kHeadDim, int kHeadDimV, int kWarpGroups = 2>
@@ -196,99 +309,13 @@ __device__ __forceinline__ void dkdv_tile_sm90_wide(const AttnBwdParams& p, cons
       // in all): hide the base from the optimizer so each is rebuilt next to its wgmma.
       uint32_t kb = kw_addr, vb = vw_addr;
       asm volatile("" : "+r"(kb), "+r"(vb));
-      float s[kN / 2], dp[kN / 2];
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        wgmma::Wgmma<T, kN>::ss(s, wgmma::make_desc(kb + (kk / 4) * kTK * 128 + (kk % 4) * 32, 16, 1024),
-                                wgmma::make_desc(q_addr(it) + (kk / 4) * kN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
-        wgmma::Wgmma<T, kN>::ss(dp, wgmma::make_desc(vb + (kk / 4) * kTK * 128 + (kk % 4) * 32, 16, 1024),
-                                wgmma::make_desc(do_addr(it) + (kk / 4) * kN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_operands(s);
-      wgmma::fence_operands(dp);
-
-      // P^T and dS^T, packed straight into the A fragments of the RS products.
-      uint32_t pa[kN / 16][4], da[kN / 16][4];
-      {
-        const int* inf = info(it);
-        const float* s_lse = reinterpret_cast<const float*>(inf + kN);
-        const float* s_delta = reinterpret_cast<const float*>(inf + 2 * kN);
-#pragma unroll
-        for (int n = 0; n < kN / 8; ++n) {
-          float pr2[2][2], ds2[2][2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = n * 8 + 2 * tig + e;
-            const int tok = inf[col];
-            const float l = s_lse[col];
-            const float lse_l2 = l == -INFINITY ? INFINITY : l * sparse_detail::kLog2e;  // no key: P = 0
-            const float dl = s_delta[col];
-#pragma unroll
-            for (int ri = 0; ri < 2; ++ri) {
-              const bool ok = tok >= key_lo[ri] && tok <= key_hi[ri];
-              const float pr = exp2f(fmaf(s[4 * n + 2 * ri + e], scale_log2, -lse_l2));
-              const float d = pr * (dp[4 * n + 2 * ri + e] - dl);
-              pr2[ri][e] = ok ? pr : 0.f;
-              ds2[ri][e] = ok ? d : 0.f;
-            }
-          }
-          // C tile n (columns 8n ..) is half of A fragment n / 2: x = 2 (n % 2) + ri
-#pragma unroll
-          for (int ri = 0; ri < 2; ++ri) {
-            pa[n / 2][2 * (n % 2) + ri] = mma::pack2<T>(pr2[ri][0], pr2[ri][1]);
-            da[n / 2][2 * (n % 2) + ri] = mma::pack2<T>(ds2[ri][0], ds2[ri][1]);
-          }
-        }
-      }
-
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        wgmma::Wgmma<T, kHeadDimV>::rs_mn(dv_flat, pa[kk], wgmma::make_desc(do_addr(it) + kk * 2 * 1024, kN * 128, 1024));
-        wgmma::Wgmma<T, kHeadDim>::rs_mn(dk_flat, da[kk], wgmma::make_desc(q_addr(it) + kk * 2 * 1024, kN * 128, 1024));
-      }
-      wgmma::commit();
-      wgmma::wait<0>();  // the stage may be overwritten after the next barrier
-      wgmma::fence_operands(dk_flat);
-      wgmma::fence_operands(dv_flat);
+      wide_step_products<T, kHeadDim, kHeadDimV, kTK, kN>(kb, vb, q_addr(it), do_addr(it), info(it), key_lo, key_hi,
+                                                      scale_log2, tig, dk_flat, dv_flat);
     }
     mma::cp_async_wait_all();
   }
 
-  if (key_base >= a.nk) return;
-  if (partial != nullptr) {
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      float* row = partial + (key_base + gid + ri * 8) * C::kCols;
-#pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n)
-        *reinterpret_cast<float2*>(row + n * 8 + 2 * tig) = make_float2(dk_acc[n][ri * 2], dk_acc[n][ri * 2 + 1]);
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n)
-        *reinterpret_cast<float2*>(row + kHeadDim + n * 8 + 2 * tig) = make_float2(dv_acc[n][ri * 2], dv_acc[n][ri * 2 + 1]);
-    }
-    return;
-  }
-  T* dk = static_cast<T*>(p.dk) + (packed ? 0 : a.b * p.dk_stride.batch) + static_cast<index_t>(a.g) * p.dk_stride.head;
-  T* dv = static_cast<T*>(p.dv) + (packed ? 0 : a.b * p.dv_stride.batch) + static_cast<index_t>(a.g) * p.dv_stride.head;
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int kk = key_base + gid + ri * 8;
-    if (kk >= a.nk) continue;
-    T* krow = dk + (a.k_row0 + kk) * p.dk_stride.row;
-    T* vrow = dv + (a.k_row0 + kk) * p.dv_stride.row;
-#pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n)
-      *reinterpret_cast<uint32_t*>(krow + n * 8 + 2 * tig) =
-          mma::pack2<T>(dk_acc[n][ri * 2] * p.scale, dk_acc[n][ri * 2 + 1] * p.scale);
-#pragma unroll
-    for (int n = 0; n < kHeadDimV / 8; ++n)
-      *reinterpret_cast<uint32_t*>(vrow + n * 8 + 2 * tig) = mma::pack2<T>(dv_acc[n][ri * 2], dv_acc[n][ri * 2 + 1]);
-  }
+  store_dkdv_wide<T, kHeadDim, kHeadDimV, C::kCols>(p, a, partial, key_base, dk_acc, dv_acc, gid, tig);
 #endif
 }
 

@@ -294,17 +294,17 @@ inline index_t dq_ctas(const AttnParams& p) {
   return cta_groups(p, tokens);
 }
 
-// Enqueues kernel over `ctas` x (heads_kv * head chunks); the caller checks cudaGetLastError
+// Enqueues kernel(p, extra...) over `ctas` x (heads_kv * head chunks); the caller checks cudaGetLastError
 // after its remaining launches.
-template <class Kernel>
+template <class Kernel, class... Extra>
 inline Status launch_dq(Kernel kernel, int threads, int smem_bytes, index_t ctas, const AttnBwdParams& p,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const Extra&... extra) {
   const int G = p.heads_q / p.heads_kv;
   const int chunks = G >= kRows ? (G + kRows - 1) / kRows : 1;
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(p.heads_kv * chunks)), threads, smem_bytes, stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(ctas), static_cast<unsigned>(p.heads_kv * chunks)), threads, smem_bytes, stream>>>(p, extra...);
   return Status{};
 }
 

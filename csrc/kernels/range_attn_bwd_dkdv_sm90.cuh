@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "attn_bwd_dkdv_sm90.cuh"
+#include "attn_bwd_dkdv_sm90_tma.cuh"
 
 namespace nsa {
 namespace sparse_detail {
@@ -20,6 +21,28 @@ __global__ void __launch_bounds__(dkdv::WideCfg<kHeadDim, kHeadDimV, kWarpGroups
       p, splits, ws, [&](const dkdv::TileArgs& a, float* partial) {
         dkdv::dkdv_tile_sm90_wide<T, kHeadDim, kHeadDimV, kWarpGroups>(p, a, partial, smem_raw);
       });
+}
+
+// The wide tile fed by a TMA producer warp (attn_bwd_dkdv_sm90_tma.cuh), the sm_90a default
+// where the query rows' map can be encoded (NSA_DISABLE_TMA=1: the cp.async form above).
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__global__ void __launch_bounds__(384, 1)
+    range_dkdv_sm90_tma_kernel(const AttnBwdParams p, int splits, float* ws, const __grid_constant__ CUtensorMap tm_q,
+                               const __grid_constant__ CUtensorMap tm_do) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  dkdv::range_dkdv_with<kHeadDim, kHeadDimV, kCompressed, 128>(p, splits, ws, [&](const dkdv::TileArgs& a, float* partial) {
+    dkdv::dkdv_tile_sm90_tma<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw, &tm_q, &tm_do);
+  });
+}
+
+// Map of the query-side rows (q or dout, [B, T, HQ, dim] or packed [total, HQ, dim]) with boxes of
+// (64 columns, G heads, 64 / G tokens): one box is 64 rows of a step.
+template <typename T>
+bool encode_step_rows_map(CUtensorMap* map, const void* base, const Strides3& st, const AttnParams& p, int dim) {
+  const int G = p.heads_q / p.heads_kv;
+  const bool packed = p.cu_seqlens != nullptr;
+  return tma::encode_rows_map<T>(map, base, packed ? 1 : p.batch, packed ? p.total_rows : p.seqlen, p.heads_q, dim,
+                                 st.batch, st.row, st.head, G, 64 / G);
 }
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kTileKeys>
@@ -48,13 +71,30 @@ bool launch_range_dkdv_wide(const AttnBwdParams& p, bool splits_allowed, cudaStr
       return true;
     }
     if (tiles > 0) {
-      cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+      float* ws = static_cast<float*>(p.workspace);
+      CUtensorMap tm_q{}, tm_do{};
+      const int G = p.heads_q / p.heads_kv;
+      // TMA: a step's 64 rows must start at a token, i.e. G divides 32 (chunks are cut at
+      // multiples of 32 rows).
+      const bool use_tma = kWarpGroups == 2 && tma::enabled() && G <= 32 && 32 % G == 0 &&
+                           encode_step_rows_map<T>(&tm_q, p.q, p.q_stride, p, kHeadDim) &&
+                           encode_step_rows_map<T>(&tm_do, p.dout, p.dout_stride, p, kHeadDimV);
+      cudaError_t e;
+      if (use_tma) {
+        using TC = dkdv::TmaCfg<kHeadDim, kHeadDimV>;
+        auto tma_kernel = range_dkdv_sm90_tma_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
+        e = cudaFuncSetAttribute(tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TC::kSmemBytes);
+        if (e == cudaSuccess)
+          tma_kernel<<<static_cast<unsigned>(tiles * splits), TC::kThreads, TC::kSmemBytes, stream>>>(p, splits, ws, tm_q,
+                                                                                                      tm_do);
+      } else {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+        if (e == cudaSuccess) kernel<<<static_cast<unsigned>(tiles * splits), C::kThreads, C::kSmemBytes, stream>>>(p, splits, ws);
+      }
       if (e != cudaSuccess) {
         st = Status{3, cudaGetErrorString(e)};
         return true;
       }
-      float* ws = static_cast<float*>(p.workspace);
-      kernel<<<static_cast<unsigned>(tiles * splits), C::kThreads, C::kSmemBytes, stream>>>(p, splits, ws);
       if (splits > 1)
         range_dkdv_wide_reduce_kernel<T, kHeadDim, kHeadDimV, kCompressed, C::kTileKeys>
             <<<static_cast<unsigned>(tiles), 256, 0, stream>>>(p, splits, ws);

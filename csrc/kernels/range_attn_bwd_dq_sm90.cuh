@@ -31,13 +31,16 @@ struct RangeDqSm90Config {
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
   static constexpr int kVBytes = kTileN * kHeadDimV * 2;
   static constexpr int kStageBytes = kKBytes + kVBytes;
-  static constexpr int kSmemBytes = kQBytes + kOBytes + kStages * kStageBytes + 1024;
+  // + the stages' full barriers (TMA form) + 1024-byte alignment
+  static constexpr int kSmemBytes = kQBytes + kOBytes + kStages * kStageBytes + kStages * 8 + 1024;
   static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128,
                 "wgmma dQ: D, Dv in {64, 128}");
 };
 
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
-__global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const AttnBwdParams p) {
+// kTma: the key tiles come by TMA (the forward's KvTileMaps and tma_load_kv_tile).
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kTma = false>
+__global__ void __launch_bounds__(256, 1)
+    range_attn_bwd_dq_sm90_kernel(const AttnBwdParams p, const __grid_constant__ KvTileMaps maps) {
 #ifdef NSA_WGMMA
   using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
   constexpr int kTileN = Cfg::kTileN;
@@ -59,6 +62,8 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
+  TileRing<Cfg::kStages> ring(stage_addr + Cfg::kStages * Cfg::kStageBytes);  // barriers after the stages
+  if constexpr (kTma) ring.init(tid);
 
   Pass ps;
   for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
@@ -80,11 +85,17 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
     // K and V tiles both K-major (S and dP reduce over the head dims); dQ reads K MN-major.
     const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
     const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/false> v_loader(v, p.v_stride.row, kv_row_begin, tid);
-    auto load_tile = [&](int it) {
-      unsigned char* sK = sStage + (it % Cfg::kStages) * Cfg::kStageBytes;
+    auto load_tile = [&](int it) {  // TMA: thread 0 only
       const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      k_loader.load(sK, s0, n_keys, k, tid);
-      v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+      if constexpr (kTma) {
+        if (tid == 0)
+          tma_load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
+                                                        kv_row_begin + s0, packed ? 0 : b, ring.bar(it));
+      } else {
+        unsigned char* sK = sStage + ring.stage(it) * Cfg::kStageBytes;
+        k_loader.load(sK, s0, n_keys, k, tid);
+        v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+      }
     };
     if (n_tiles > 0) load_tile(0);
     mma::cp_async_commit();  // group: Q, dO rows + tile 0
@@ -106,7 +117,7 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
 
     // S and dP of tile it, one wgmma group, not waited for.
     auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
-      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
       const uint32_t v_addr = k_addr + Cfg::kKBytes;
       wgmma::fence();
 #pragma unroll
@@ -145,11 +156,17 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
     // stale stage into s / dp and never uses the result.
     float s[kTileN / 2], dp[kTileN / 2];
     auto step = [&](int it) {
-      mma::cp_async_wait<1>();  // tile it + 1
-      wgmma::fence_proxy_async();
-      __syncthreads();
-      if (it + 3 < n_tiles) load_tile(it + 3);
-      mma::cp_async_commit();
+      if constexpr (kTma) {
+        __syncthreads();  // every warpgroup is past tile it - 1: its stage takes tile it + 3
+        if (it + 3 < n_tiles) load_tile(it + 3);
+        if (it + 1 < n_tiles) ring.wait(it + 1);  // the last step's S, dP read a stale stage, unused
+      } else {
+        mma::cp_async_wait<1>();  // tile it + 1
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        if (it + 3 < n_tiles) load_tile(it + 3);
+        mma::cp_async_commit();
+      }
       uint32_t da[kTileN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk) {
@@ -160,7 +177,7 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
       }
       issue_s_dp(it + 1, s, dp);
       // K MN-major: column atoms (64 head dims) kTileN * 128 bytes apart, 8-key groups 1024.
-      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk)
@@ -175,7 +192,12 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
     };
 
     if (n_tiles > 0) {
-      mma::cp_async_wait<2>();  // Q, dO + tile 0
+      if constexpr (kTma) {
+        mma::cp_async_wait<0>();  // Q, dO
+        ring.wait(0);
+      } else {
+        mma::cp_async_wait<2>();  // Q, dO + tile 0
+      }
       wgmma::fence_proxy_async();
       __syncthreads();
       issue_s_dp(0, s, dp);
@@ -188,6 +210,7 @@ __global__ void __launch_bounds__(256, 1) range_attn_bwd_dq_sm90_kernel(const At
     mma::cp_async_wait_all();
 
     dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
+    if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_tiles);
     __syncthreads();  // the rows and stages are reused by the next pass
   }
 #endif
@@ -198,10 +221,13 @@ template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, class Sm80K
 Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_smem, index_t sm80_ctas,
                             const AttnBwdParams& p, cudaStream_t stream) {
   if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
-    auto kernel = range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
-    if (wgmma_kernel_usable(kernel)) {
+    if (wgmma_kernel_usable(range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>)) {
       using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
-      return launch_dq(kernel, Cfg::kThreads, Cfg::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream);
+      KvTileMaps maps{};
+      const bool use_tma = encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
+      auto kernel = use_tma ? range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, true>
+                            : range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, false>;
+      return launch_dq(kernel, Cfg::kThreads, Cfg::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream, maps);
     }
   }
   return launch_dq(sm80_kernel, sm80_threads, sm80_smem, sm80_ctas, p, stream);

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "range_attn_fwd_kernel.cuh"
+#include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
 #include <cstdlib>
@@ -38,9 +39,71 @@ struct RangeFwdSm90Config {
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
   static constexpr int kVBytes = kTileN * kHeadDimV * 2;
   static constexpr int kStageBytes = kKBytes + kVBytes;
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;  // + 1024-byte alignment
+  // + the stages' full barriers (TMA form) + 1024-byte alignment
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kStages * 8 + 1024;
   static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= 128, "wgmma path: D in {64, 128, 192}, Dv in {64, 128}");
 };
+
+// The TMA form of the key tiles (the sm_90a default where the maps encode; NSA_DISABLE_TMA=1
+// keeps cp.async): thread 0 issues one box (64 columns, 1 head, kTileN keys) per 64 columns of K
+// and of V into the stage, K-major swizzled (V too: P V and dS K read it MN-major from that
+// layout), completing on the stage's full barrier. The consumers wait on that barrier instead of
+// cp.async groups; the per-step CTA barrier still releases the stage the next box overwrites.
+// Rows past the sequence inside the tensor are read as they are and masked like the rest.
+struct KvTileMaps {
+  CUtensorMap k, v;
+};
+
+template <typename T, bool kCompressed>
+bool encode_kv_tile_maps(KvTileMaps& m, const AttnParams& p, int tile_n) {
+  if (!tma::enabled()) return false;
+  const bool packed = p.cu_seqlens != nullptr;
+  const index_t rows = kCompressed ? (packed ? p.total_rows / p.cmp_stride : p.seqlen_k_cmp) : (packed ? p.total_rows : p.seqlen);
+  const index_t batch = packed ? 1 : p.batch;
+  return tma::encode_rows_map<T>(&m.k, p.k, batch, rows, p.heads_kv, p.head_dim_qk, p.k_stride.batch, p.k_stride.row,
+                                 p.k_stride.head, 1, tile_n) &&
+         tma::encode_rows_map<T>(&m.v, p.v, batch, rows, p.heads_kv, p.head_dim_v, p.v_stride.batch, p.v_stride.row,
+                                 p.v_stride.head, 1, tile_n);
+}
+
+// The full barriers of a CTA's kStages-stage tile ring (TMA form) and its running tile count:
+// tile it of a pass is the CTA's tile seq + it, in stage (seq + it) % kStages, whose barrier
+// completes for the ((seq + it) / kStages)-th time. Without TMA seq stays 0 (stage it % kStages).
+template <int kStages>
+struct TileRing {
+  uint32_t bar_addr;  // kStages mbarriers, 8 bytes each
+  uint32_t seq = 0;
+  __device__ __forceinline__ explicit TileRing(uint32_t bars) : bar_addr(bars) {}
+  // Thread 0 initialises the barriers; every thread then passes a CTA barrier.
+  __device__ __forceinline__ void init(int tid) const {
+    if (tid == 0) {
+      for (int st = 0; st < kStages; ++st) tma::mbar_init(bar_addr + st * 8, 1);
+      tma::fence_barrier_init();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ uint32_t stage(int it) const { return (seq + static_cast<uint32_t>(it)) % kStages; }
+  __device__ __forceinline__ uint32_t bar(int it) const { return bar_addr + stage(it) * 8; }
+  __device__ __forceinline__ void wait(int it) const {
+    const uint32_t gi = seq + static_cast<uint32_t>(it);
+    tma::mbar_wait(bar_addr + (gi % kStages) * 8, (gi / kStages) & 1);
+  }
+};
+
+// Thread 0: key rows [row0, row0 + kTileN) of KV head g (batch item b; 0 when packed) into a
+// stage (K then V, K-major), completing on `bar`.
+template <int kHeadDim, int kHeadDimV, int kTileN>
+__device__ __forceinline__ void tma_load_kv_tile(uint32_t k_dst, const KvTileMaps& m, int g, index_t row0, int b,
+                                                 uint32_t bar) {
+  constexpr uint32_t kBytes = kTileN * (kHeadDim + kHeadDimV) * 2;
+  tma::mbar_arrive_expect_tx(bar, kBytes);
+  const int r = static_cast<int>(row0);
+#pragma unroll
+  for (int c = 0; c < kHeadDim / 64; ++c) tma::load_4d(k_dst + c * kTileN * 128, &m.k, 64 * c, g, r, b, bar);
+  const uint32_t v_dst = k_dst + kTileN * kHeadDim * 2;
+#pragma unroll
+  for (int c = 0; c < kHeadDimV / 64; ++c) tma::load_4d(v_dst + c * kTileN * 128, &m.v, 64 * c, g, r, b, bar);
+}
 
 // Key offset x - s0 clamped to [-1, kTileN + 1], so that in-tile compares are 32-bit.
 template <int kTileN>
@@ -114,8 +177,9 @@ __device__ __forceinline__ void load_query_rows_swizzled(unsigned char* dst, con
   }
 }
 
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
-__global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kernel(const AttnParams p) {
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups, bool kTma = false>
+__global__ void __launch_bounds__(kWarpGroups * 128, 1)
+    range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ KvTileMaps maps) {
 #ifdef NSA_WGMMA
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
   constexpr int kTileN = Cfg::kTileN;
@@ -135,6 +199,8 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   const float scale_log2 = p.scale * kLog2e;
   const bool packed = p.cu_seqlens != nullptr;
+  TileRing<Cfg::kStages> ring(stage_addr + Cfg::kStages * Cfg::kStageBytes);  // barriers after the stages
+  if constexpr (kTma) ring.init(tid);
 
   Pass ps;
   for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end) {
@@ -156,11 +222,17 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
     load_query_rows_swizzled<T, kHeadDim, Cfg::kRowsCta, Cfg::kThreads>(sQ, q, p.q_stride, rm, ps, tid);
     const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(k, p.k_stride.row, kv_row_begin, tid);
     const SwizzledRowLoader<T, kHeadDimV, kTileN, Cfg::kThreads, /*kMnMajor=*/true> v_loader(v, p.v_stride.row, kv_row_begin, tid);
-    auto load_tile = [&](int it) {  // tile it -> stage it % kStages
-      unsigned char* sK = sStage + (it % Cfg::kStages) * Cfg::kStageBytes;
+    auto load_tile = [&](int it) {  // tile it -> stage (seq + it) % kStages; TMA: thread 0 only
       const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      k_loader.load(sK, s0, n_keys, k, tid);
-      v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+      if constexpr (kTma) {
+        if (tid == 0)
+          tma_load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
+                                                        kv_row_begin + s0, packed ? 0 : b, ring.bar(it));
+      } else {
+        unsigned char* sK = sStage + ring.stage(it) * Cfg::kStageBytes;
+        k_loader.load(sK, s0, n_keys, k, tid);
+        v_loader.load(sK + Cfg::kKBytes, s0, n_keys, v, tid);
+      }
     };
     if (n_steps > 0) load_tile(0);
     mma::cp_async_commit();  // group: query rows + tile 0
@@ -191,7 +263,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
 
     // S = Q K^T of tile it (64 x kTileN per warpgroup), issued and committed, not waited for.
     auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
-      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes;
+      const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -262,11 +334,17 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
     // a stale stage into s_nxt and the softmax masks all of it (no key of any row lies there).
     // Stages: tile it + 3 goes into the stage of tile it - 1, released by this step's barrier.
     auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
-      mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight
-      wgmma::fence_proxy_async();
-      __syncthreads();
-      if (it + 3 < n_steps) load_tile(it + 3);
-      mma::cp_async_commit();
+      if constexpr (kTma) {
+        __syncthreads();  // every warpgroup is past tile it - 1: its stage takes tile it + 3
+        if (it + 3 < n_steps) load_tile(it + 3);
+        if (it + 1 < n_steps) ring.wait(it + 1);  // the last step's S reads a stale stage, masked
+      } else {
+        mma::cp_async_wait<1>();  // tile it + 1; tile it + 2 may stay in flight
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        if (it + 3 < n_steps) load_tile(it + 3);
+        mma::cp_async_commit();
+      }
       // P's k16 slice kk is the C tiles 2kk, 2kk + 1 (keys 16kk .. 16kk + 15).
       uint32_t pa[kTileN / 16][4];
 #pragma unroll
@@ -277,12 +355,18 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
         pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
       }
       issue_s(it + 1, s_nxt);
-      constexpr uint32_t kSboV = (kHeadDimV / 64) * 1024;
-      const uint32_t v_addr = stage_addr + (it % Cfg::kStages) * Cfg::kStageBytes + Cfg::kKBytes;
+      const uint32_t v_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes + Cfg::kKBytes;
       wgmma::fence();
+      if constexpr (kTma) {  // V in the K-major tile: column atoms kTileN * 128 bytes apart, 8-key groups 1024
 #pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk)
-        wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * kSboV, 1024, kSboV));
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * 1024, kTileN * 128, 1024));
+      } else {
+        constexpr uint32_t kSboV = (kHeadDimV / 64) * 1024;
+#pragma unroll
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * kSboV, 1024, kSboV));
+      }
       wgmma::commit();
       wgmma::wait<1>();  // S (it + 1)
       wgmma::fence_operands(s_nxt);
@@ -295,7 +379,12 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
 
     float s_a[kTileN / 2], s_b[kTileN / 2];
     if (n_steps > 0) {
-      mma::cp_async_wait<2>();  // query rows + tile 0
+      if constexpr (kTma) {
+        mma::cp_async_wait<0>();  // query rows
+        ring.wait(0);
+      } else {
+        mma::cp_async_wait<2>();  // query rows + tile 0
+      }
       wgmma::fence_proxy_async();
       __syncthreads();
       issue_s(0, s_a);
@@ -313,6 +402,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1) range_attn_fwd_sm90_kern
     mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
 
     fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
+    if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_steps);  // (the cp.async form keeps 0: stage = it % 4)
     __syncthreads();  // sQ and the stages are reused by the next pass
   }
 #endif
@@ -329,10 +419,13 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
   if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
-  auto kernel = range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups>;
+  KvTileMaps maps{};
+  const bool use_tma = encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
+  auto kernel = use_tma ? range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, true>
+                        : range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
