@@ -108,14 +108,18 @@ __device__ __forceinline__ void store_dkdv_wide(const AttnBwdParams& p, const Ti
 // One step of a warpgroup of the wide tile (its 64 keys against the step's kN query rows), every
 // wgmma waited for inside: S^T = K Q^T and dP^T = V dO^T (SS), then P^T and dS^T under the rows'
 // lse / delta / key masks straight into A fragments, then dV += P^T dO and dK += dS^T Q (RS, dO
-// and Q read MN-major from their K-major step tiles). info: the step's [kN] tokens (-1: off),
-// [kN] lse, [kN] delta. k_base / v_base: this warpgroup's keys (the callers hide them from
-// hoisting).
-template <typename T, int kHeadDim, int kHeadDimV, int kTK, int kN>
+// and Q read MN-major from their K-major step tiles). row_info(col, ri) -> RowInfo: the step's
+// row col for this thread's key row ri (gid + 8 ri of the warp's 16). k_base / v_base: this
+// warpgroup's keys (the callers hide them from hoisting).
+struct RowInfo {
+  bool take;  // the key row attends this query row
+  float lse, delta;
+};
+
+template <typename T, int kHeadDim, int kHeadDimV, int kTK, int kN, class RowInfoFn>
 __device__ __forceinline__ void wide_step_products(uint32_t k_base, uint32_t v_base, uint32_t q_addr, uint32_t do_addr,
-                                                   const int* info, const int (&key_lo)[2], const int (&key_hi)[2],
-                                                   float scale_log2, int tig, float (&dk_flat)[kHeadDim / 2],
-                                                   float (&dv_flat)[kHeadDimV / 2]) {
+                                                   RowInfoFn&& row_info, float scale_log2, int tig,
+                                                   float (&dk_flat)[kHeadDim / 2], float (&dv_flat)[kHeadDimV / 2]) {
 #ifdef NSA_WGMMA
   float s[kN / 2], dp[kN / 2];
   wgmma::fence();
@@ -135,26 +139,20 @@ __device__ __forceinline__ void wide_step_products(uint32_t k_base, uint32_t v_b
   // P^T and dS^T, packed straight into the A fragments of the RS products.
   uint32_t pa[kN / 16][4], da[kN / 16][4];
   {
-    const int* inf = info;
-    const float* s_lse = reinterpret_cast<const float*>(inf + kN);
-    const float* s_delta = reinterpret_cast<const float*>(inf + 2 * kN);
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) {
       float pr2[2][2], ds2[2][2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = n * 8 + 2 * tig + e;
-        const int tok = inf[col];
-        const float l = s_lse[col];
-        const float lse_l2 = l == -INFINITY ? INFINITY : l * sparse_detail::kLog2e;  // no key: P = 0
-        const float dl = s_delta[col];
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) {
-          const bool ok = tok >= key_lo[ri] && tok <= key_hi[ri];
+          const RowInfo r = row_info(col, ri);
+          const float lse_l2 = r.lse == -INFINITY ? INFINITY : r.lse * sparse_detail::kLog2e;  // no key: P = 0
           const float pr = exp2f(fmaf(s[4 * n + 2 * ri + e], scale_log2, -lse_l2));
-          const float d = pr * (dp[4 * n + 2 * ri + e] - dl);
-          pr2[ri][e] = ok ? pr : 0.f;
-          ds2[ri][e] = ok ? d : 0.f;
+          const float d = pr * (dp[4 * n + 2 * ri + e] - r.delta);
+          pr2[ri][e] = r.take ? pr : 0.f;
+          ds2[ri][e] = r.take ? d : 0.f;
         }
       }
       // C tile n (columns 8n ..) is half of A fragment n / 2: x = 2 (n % 2) + ri
@@ -309,8 +307,14 @@ __device__ __forceinline__ void dkdv_tile_sm90_wide(const AttnBwdParams& p, cons
       // in all): hide the base from the optimizer so each is rebuilt next to its wgmma.
       uint32_t kb = kw_addr, vb = vw_addr;
       asm volatile("" : "+r"(kb), "+r"(vb));
-      wide_step_products<T, kHeadDim, kHeadDimV, kTK, kN>(kb, vb, q_addr(it), do_addr(it), info(it), key_lo, key_hi,
-                                                      scale_log2, tig, dk_flat, dv_flat);
+      const int* inf = info(it);  // [kN] tokens, [kN] lse, [kN] delta
+      auto row_info = [&](int col, int ri) {
+        const int tok = inf[col];
+        return RowInfo{tok >= key_lo[ri] && tok <= key_hi[ri], reinterpret_cast<const float*>(inf)[kN + col],
+                       reinterpret_cast<const float*>(inf)[2 * kN + col]};
+      };
+      wide_step_products<T, kHeadDim, kHeadDimV, kTK, kN>(kb, vb, q_addr(it), do_addr(it), row_info, scale_log2, tig,
+                                                          dk_flat, dv_flat);
     }
     mma::cp_async_wait_all();
   }

@@ -23,26 +23,36 @@ __global__ void __launch_bounds__(dkdv::WideCfg<kHeadDim, kHeadDimV, kWarpGroups
       });
 }
 
-// The wide tile fed by a TMA producer warp (attn_bwd_dkdv_sm90_tma.cuh), the sm_90a default
-// where the query rows' map can be encoded (NSA_DISABLE_TMA=1: the cp.async form above).
+// The wide tile fed by TMA (attn_bwd_dkdv_sm90_tma.cuh), the sm_90a default where the maps
+// encode (NSA_DISABLE_TMA=1: the cp.async form above).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
 __global__ void __launch_bounds__(384, 1)
-    range_dkdv_sm90_tma_kernel(const AttnBwdParams p, int splits, float* ws, const __grid_constant__ CUtensorMap tm_q,
-                               const __grid_constant__ CUtensorMap tm_do) {
+    range_dkdv_sm90_tma_kernel(const AttnBwdParams p, int splits, float* ws, const __grid_constant__ dkdv::TmaMaps maps) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   dkdv::range_dkdv_with<kHeadDim, kHeadDimV, kCompressed, 128>(p, splits, ws, [&](const dkdv::TileArgs& a, float* partial) {
-    dkdv::dkdv_tile_sm90_tma<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw, &tm_q, &tm_do);
+    dkdv::dkdv_tile_sm90_tma<T, kHeadDim, kHeadDimV>(p, a, partial, smem_raw, maps);
   });
 }
 
-// Map of the query-side rows (q or dout, [B, T, HQ, dim] or packed [total, HQ, dim]) with boxes of
-// (64 columns, G heads, 64 / G tokens): one box is 64 rows of a step.
-template <typename T>
-bool encode_step_rows_map(CUtensorMap* map, const void* base, const Strides3& st, const AttnParams& p, int dim) {
+// The TMA tile's maps: keys in boxes of 128, q / dout rows with boxes of (64 columns, G heads,
+// 64 / G tokens) (a step's 64 rows), lse / delta with boxes of (G heads, 64 / G tokens). False
+// where TMA cannot describe one of them, and unless G is 4, 8, 16 or 32: a step must start at a
+// token (chunks are cut at multiples of 32 rows) and a box row of lse must be 16 bytes.
+template <typename T, bool kCompressed>
+bool encode_dkdv_tma_maps(dkdv::TmaMaps& m, const AttnBwdParams& p) {
   const int G = p.heads_q / p.heads_kv;
+  if (G < 4 || G > 32 || 32 % G != 0 || p.delta == nullptr || p.lse == nullptr) return false;
+  if (!tma::encode_kv_tile_maps<T, kCompressed>(m.kv, p, 128)) return false;
   const bool packed = p.cu_seqlens != nullptr;
-  return tma::encode_rows_map<T>(map, base, packed ? 1 : p.batch, packed ? p.total_rows : p.seqlen, p.heads_q, dim,
-                                 st.batch, st.row, st.head, G, 64 / G);
+  const index_t batch = packed ? 1 : p.batch, rows = packed ? p.total_rows : p.seqlen;
+  return tma::encode_rows_map<T>(&m.q, p.q, batch, rows, p.heads_q, p.head_dim_qk, p.q_stride.batch, p.q_stride.row,
+                                 p.q_stride.head, G, 64 / G) &&
+         tma::encode_rows_map<T>(&m.dout, p.dout, batch, rows, p.heads_q, p.head_dim_v, p.dout_stride.batch,
+                                 p.dout_stride.row, p.dout_stride.head, G, 64 / G) &&
+         tma::encode_stat_map(&m.lse, p.lse, batch, rows, p.heads_q, p.lse_batch_stride, p.lse_row_stride,
+                              G, 64 / G) &&
+         tma::encode_stat_map(&m.delta, p.delta, batch, rows, p.heads_q, p.lse_batch_stride, p.lse_row_stride,
+                              G, 64 / G);
 }
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kTileKeys>
@@ -72,21 +82,15 @@ bool launch_range_dkdv_wide(const AttnBwdParams& p, bool splits_allowed, cudaStr
     }
     if (tiles > 0) {
       float* ws = static_cast<float*>(p.workspace);
-      CUtensorMap tm_q{}, tm_do{};
-      const int G = p.heads_q / p.heads_kv;
-      // TMA: a step's 64 rows must start at a token, i.e. G divides 32 (chunks are cut at
-      // multiples of 32 rows).
-      const bool use_tma = kWarpGroups == 2 && tma::enabled() && G <= 32 && 32 % G == 0 &&
-                           encode_step_rows_map<T>(&tm_q, p.q, p.q_stride, p, kHeadDim) &&
-                           encode_step_rows_map<T>(&tm_do, p.dout, p.dout_stride, p, kHeadDimV);
+      dkdv::TmaMaps maps{};
+      const bool use_tma = kWarpGroups == 2 && encode_dkdv_tma_maps<T, kCompressed>(maps, p);
       cudaError_t e;
       if (use_tma) {
         using TC = dkdv::TmaCfg<kHeadDim, kHeadDimV>;
         auto tma_kernel = range_dkdv_sm90_tma_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
         e = cudaFuncSetAttribute(tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TC::kSmemBytes);
         if (e == cudaSuccess)
-          tma_kernel<<<static_cast<unsigned>(tiles * splits), TC::kThreads, TC::kSmemBytes, stream>>>(p, splits, ws, tm_q,
-                                                                                                      tm_do);
+          tma_kernel<<<static_cast<unsigned>(tiles * splits), TC::kThreads, TC::kSmemBytes, stream>>>(p, splits, ws, maps);
       } else {
         e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
         if (e == cudaSuccess) kernel<<<static_cast<unsigned>(tiles * splits), C::kThreads, C::kSmemBytes, stream>>>(p, splits, ws);

@@ -37,10 +37,10 @@ struct RangeDqSm90Config {
                 "wgmma dQ: D, Dv in {64, 128}");
 };
 
-// kTma: the key tiles come by TMA (the forward's KvTileMaps and tma_load_kv_tile).
+// kTma: the key tiles come by TMA (tma::KvTileMaps, tma::load_kv_tile).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kTma = false>
 __global__ void __launch_bounds__(256, 1)
-    range_attn_bwd_dq_sm90_kernel(const AttnBwdParams p, const __grid_constant__ KvTileMaps maps) {
+    range_attn_bwd_dq_sm90_kernel(const AttnBwdParams p, const __grid_constant__ tma::KvTileMaps maps) {
 #ifdef NSA_WGMMA
   using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
   constexpr int kTileN = Cfg::kTileN;
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(256, 1)
       const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
       if constexpr (kTma) {
         if (tid == 0)
-          tma_load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
+          tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
                                                         kv_row_begin + s0, packed ? 0 : b, ring.bar(it));
       } else {
         unsigned char* sK = sStage + ring.stage(it) * Cfg::kStageBytes;
@@ -223,8 +223,8 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
   if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
     if (wgmma_kernel_usable(range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>)) {
       using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
-      KvTileMaps maps{};
-      const bool use_tma = encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
+      tma::KvTileMaps maps{};
+      const bool use_tma = tma::encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
       auto kernel = use_tma ? range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, true>
                             : range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, false>;
       return launch_dq(kernel, Cfg::kThreads, Cfg::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream, maps);

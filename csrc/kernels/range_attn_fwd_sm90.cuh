@@ -44,28 +44,12 @@ struct RangeFwdSm90Config {
   static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDimV <= 128, "wgmma path: D in {64, 128, 192}, Dv in {64, 128}");
 };
 
-// The TMA form of the key tiles (the sm_90a default where the maps encode; NSA_DISABLE_TMA=1
-// keeps cp.async): thread 0 issues one box (64 columns, 1 head, kTileN keys) per 64 columns of K
-// and of V into the stage, K-major swizzled (V too: P V and dS K read it MN-major from that
-// layout), completing on the stage's full barrier. The consumers wait on that barrier instead of
-// cp.async groups; the per-step CTA barrier still releases the stage the next box overwrites.
-// Rows past the sequence inside the tensor are read as they are and masked like the rest.
-struct KvTileMaps {
-  CUtensorMap k, v;
-};
-
-template <typename T, bool kCompressed>
-bool encode_kv_tile_maps(KvTileMaps& m, const AttnParams& p, int tile_n) {
-  if (!tma::enabled()) return false;
-  const bool packed = p.cu_seqlens != nullptr;
-  const index_t rows = kCompressed ? (packed ? p.total_rows / p.cmp_stride : p.seqlen_k_cmp) : (packed ? p.total_rows : p.seqlen);
-  const index_t batch = packed ? 1 : p.batch;
-  return tma::encode_rows_map<T>(&m.k, p.k, batch, rows, p.heads_kv, p.head_dim_qk, p.k_stride.batch, p.k_stride.row,
-                                 p.k_stride.head, 1, tile_n) &&
-         tma::encode_rows_map<T>(&m.v, p.v, batch, rows, p.heads_kv, p.head_dim_v, p.v_stride.batch, p.v_stride.row,
-                                 p.v_stride.head, 1, tile_n);
-}
-
+// The key tiles come by TMA where the maps encode (tma::KvTileMaps; NSA_DISABLE_TMA=1 keeps
+// cp.async): thread 0 issues the boxes of a tile into its stage, K-major swizzled (V too: P V and
+// dS K read it MN-major from that layout), completing on the stage's full barrier. The consumers
+// wait on that barrier instead of cp.async groups; the per-step CTA barrier still releases the
+// stage the next boxes overwrite. Rows past the sequence inside the tensor are read as they are
+// and masked like the rest.
 // The full barriers of a CTA's kStages-stage tile ring (TMA form) and its running tile count:
 // tile it of a pass is the CTA's tile seq + it, in stage (seq + it) % kStages, whose barrier
 // completes for the ((seq + it) / kStages)-th time. Without TMA seq stays 0 (stage it % kStages).
@@ -90,20 +74,6 @@ struct TileRing {
   }
 };
 
-// Thread 0: key rows [row0, row0 + kTileN) of KV head g (batch item b; 0 when packed) into a
-// stage (K then V, K-major), completing on `bar`.
-template <int kHeadDim, int kHeadDimV, int kTileN>
-__device__ __forceinline__ void tma_load_kv_tile(uint32_t k_dst, const KvTileMaps& m, int g, index_t row0, int b,
-                                                 uint32_t bar) {
-  constexpr uint32_t kBytes = kTileN * (kHeadDim + kHeadDimV) * 2;
-  tma::mbar_arrive_expect_tx(bar, kBytes);
-  const int r = static_cast<int>(row0);
-#pragma unroll
-  for (int c = 0; c < kHeadDim / 64; ++c) tma::load_4d(k_dst + c * kTileN * 128, &m.k, 64 * c, g, r, b, bar);
-  const uint32_t v_dst = k_dst + kTileN * kHeadDim * 2;
-#pragma unroll
-  for (int c = 0; c < kHeadDimV / 64; ++c) tma::load_4d(v_dst + c * kTileN * 128, &m.v, 64 * c, g, r, b, bar);
-}
 
 // Key offset x - s0 clamped to [-1, kTileN + 1], so that in-tile compares are 32-bit.
 template <int kTileN>
@@ -179,7 +149,7 @@ __device__ __forceinline__ void load_query_rows_swizzled(unsigned char* dst, con
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups, bool kTma = false>
 __global__ void __launch_bounds__(kWarpGroups * 128, 1)
-    range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ KvTileMaps maps) {
+    range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ tma::KvTileMaps maps) {
 #ifdef NSA_WGMMA
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
   constexpr int kTileN = Cfg::kTileN;
@@ -226,7 +196,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
       const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
       if constexpr (kTma) {
         if (tid == 0)
-          tma_load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
+          tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + ring.stage(it) * Cfg::kStageBytes, maps, rm.g,
                                                         kv_row_begin + s0, packed ? 0 : b, ring.bar(it));
       } else {
         unsigned char* sK = sStage + ring.stage(it) * Cfg::kStageBytes;
@@ -419,8 +389,8 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
   if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
-  KvTileMaps maps{};
-  const bool use_tma = encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
+  tma::KvTileMaps maps{};
+  const bool use_tma = tma::encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
   auto kernel = use_tma ? range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, true>
                         : range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);

@@ -77,6 +77,16 @@ __device__ __forceinline__ void load_4d(uint32_t dst, const CUtensorMap* map, in
 #endif
 }
 
+// One 3-d box of `map` at (c0, c1, c2) into shared memory, completing on mbar.
+__device__ __forceinline__ void load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t mbar) {
+#ifdef NSA_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(mbar)
+      : "memory");
+#endif
+}
+
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
 #ifdef NSA_WGMMA
@@ -144,6 +154,72 @@ bool encode_rows_map(CUtensorMap* map, const void* base, index_t batch, index_t 
 inline bool enabled() {
   const char* e = std::getenv("NSA_DISABLE_TMA");
   return !(e != nullptr && e[0] == '1');
+}
+
+// The K / V maps of a range branch's key tiles (box: 64 columns, 1 head, tile_n keys); false
+// when TMA is off (NSA_DISABLE_TMA=1) or cannot describe the tensors.
+struct KvTileMaps {
+  CUtensorMap k, v;
+};
+
+template <typename T, bool kCompressed>
+bool encode_kv_tile_maps(KvTileMaps& m, const AttnParams& p, int tile_n) {
+  if (!enabled()) return false;
+  const bool packed = p.cu_seqlens != nullptr;
+  const index_t rows = kCompressed ? (packed ? p.total_rows / p.cmp_stride : p.seqlen_k_cmp) : (packed ? p.total_rows : p.seqlen);
+  const index_t batch = packed ? 1 : p.batch;
+  return encode_rows_map<T>(&m.k, p.k, batch, rows, p.heads_kv, p.head_dim_qk, p.k_stride.batch, p.k_stride.row,
+                            p.k_stride.head, 1, tile_n) &&
+         encode_rows_map<T>(&m.v, p.v, batch, rows, p.heads_kv, p.head_dim_v, p.v_stride.batch, p.v_stride.row,
+                            p.v_stride.head, 1, tile_n);
+}
+
+// One thread: the boxes of key rows [row0, row0 + kTileN) of KV head g (batch item b; 0 when
+// packed) into a stage (K, then V at kTileN * kHeadDim * 2 bytes, both K-major swizzled),
+// completing on `bar`; the caller announces their kTileN * (kHeadDim + kHeadDimV) * 2 bytes.
+template <int kHeadDim, int kHeadDimV, int kTileN>
+__device__ __forceinline__ void load_kv_boxes(uint32_t k_dst, const KvTileMaps& m, int g, index_t row0, int b,
+                                              uint32_t bar) {
+  const int r = static_cast<int>(row0);
+#pragma unroll
+  for (int c = 0; c < kHeadDim / 64; ++c) load_4d(k_dst + c * kTileN * 128, &m.k, 64 * c, g, r, b, bar);
+  const uint32_t v_dst = k_dst + kTileN * kHeadDim * 2;
+#pragma unroll
+  for (int c = 0; c < kHeadDimV / 64; ++c) load_4d(v_dst + c * kTileN * 128, &m.v, 64 * c, g, r, b, bar);
+}
+
+// The same as the only arrival of the stage's phase.
+template <int kHeadDim, int kHeadDimV, int kTileN>
+__device__ __forceinline__ void load_kv_tile(uint32_t k_dst, const KvTileMaps& m, int g, index_t row0, int b,
+                                             uint32_t bar) {
+  mbar_arrive_expect_tx(bar, kTileN * (kHeadDim + kHeadDimV) * 2);
+  load_kv_boxes<kHeadDim, kHeadDimV, kTileN>(k_dst, m, g, row0, b, bar);
+}
+
+// The map of a per-row fp32 statistic of the query rows (lse, delta: [batch, rows, heads], heads
+// contiguous) with boxes of (box_heads, box_rows, 1), no swizzle; false where TMA cannot take it.
+inline bool encode_stat_map(CUtensorMap* map, const float* base, index_t batch, index_t rows, index_t heads,
+                            index_t batch_stride, index_t row_stride, int box_heads, int box_rows) {
+  const auto enc = encoder();
+  if (enc == nullptr || base == nullptr || (reinterpret_cast<uintptr_t>(base) & 15) != 0) return false;
+  if (batch <= 0 || rows <= 0 || heads < box_heads || box_heads * 4 % 16 != 0 || box_rows <= 0 || box_rows > 256 ||
+      box_heads > 256)
+    return false;
+  if (batch >= (index_t(1) << 32) || rows >= (index_t(1) << 32) || heads >= (index_t(1) << 32)) return false;
+  if (batch == 1) batch_stride = rows * row_stride;
+  const index_t strides_el[2] = {row_stride, batch_stride};
+  cuuint64_t dims[3] = {static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(batch)};
+  cuuint64_t strides[2];
+  for (int i = 0; i < 2; ++i) {
+    const index_t bytes = strides_el[i] * 4;
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (index_t(1) << 40)) return false;
+    strides[i] = static_cast<cuuint64_t>(bytes);
+  }
+  cuuint32_t box[3] = {static_cast<cuuint32_t>(box_heads), static_cast<cuuint32_t>(box_rows), 1};
+  cuuint32_t elem[3] = {1, 1, 1};
+  return enc(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, const_cast<float*>(base), dims, strides, box, elem,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace tma
