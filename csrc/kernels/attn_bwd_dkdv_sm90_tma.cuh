@@ -39,7 +39,6 @@ struct TmaCfg {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-
 // The maps (range_attn_bwd_dkdv_sm90.cuh): the tile's keys (boxes of 128 keys), the step rows of
 // q and dout (64 rows), and the rows' fp32 lse and delta as (HQ, rows, batch) with boxes of
 // (G, 64 / G, 1).
@@ -61,15 +60,13 @@ __device__ __forceinline__ void dkdv_tile_sm90_tma(const AttnBwdParams& p, const
   const index_t n_steps = (a.r_end - a.r_begin + kN - 1) / kN;
   if (n_steps <= 0 && partial == nullptr) return;  // uniform: nothing attends these keys
 
+  // K, V of the tile | kStages x (q rows, dout rows) | kStages x (lse, delta) | barriers
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  unsigned char* sK = smem;
-  unsigned char* sV = sK + C::kKBytes;
-  unsigned char* sRows = sV + C::kVBytes;
-  float* sStat = reinterpret_cast<float*>(sRows + kStages * C::kRowsBytes);
-  const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+  const float* sStat = reinterpret_cast<const float*>(smem + C::kKBytes + C::kVBytes + kStages * C::kRowsBytes);
+  const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t v_addr = k_addr + C::kKBytes;
   const uint32_t rows_addr = v_addr + C::kVBytes;
-  const uint32_t stat_addr = static_cast<uint32_t>(__cvta_generic_to_shared(sStat));
+  const uint32_t stat_addr = rows_addr + kStages * C::kRowsBytes;
   const uint32_t bar_addr = stat_addr + kStages * TC::kStatBytes;
   auto full_bar = [&](index_t j) { return bar_addr + static_cast<uint32_t>(j % kStages) * 8; };
   auto empty_bar = [&](index_t j) { return bar_addr + (kStages + static_cast<uint32_t>(j % kStages)) * 8; };
@@ -80,7 +77,7 @@ __device__ __forceinline__ void dkdv_tile_sm90_tma(const AttnBwdParams& p, const
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      tma::mbar_init(bar_addr + s * 8, 1);                // full: the producer's lane 0 (+ the boxes' bytes)
+      tma::mbar_init(bar_addr + s * 8, 1);                // full: the producer thread (+ the boxes' bytes)
       tma::mbar_init(bar_addr + (kStages + s) * 8, 256);  // empty: every consumer thread
     }
     tma::fence_barrier_init();
@@ -92,24 +89,22 @@ __device__ __forceinline__ void dkdv_tile_sm90_tma(const AttnBwdParams& p, const
     if (tid != 0) return;
     for (index_t j = 0; j < n_steps; ++j) {
       if (j >= kStages) tma::mbar_wait(empty_bar(j), static_cast<uint32_t>((j / kStages - 1) & 1));
-      {
-        const uint32_t full = full_bar(j);
-        // Step 0 also brings the tile's K and V (keys past nk are whatever the tensor holds there:
-        // their dK / dV rows are never stored).
-        tma::mbar_arrive_expect_tx(full, C::kRowsBytes + 2 * TC::kStatFloats * 4 + (j == 0 ? C::kKBytes + C::kVBytes : 0));
-        if (j == 0)
-          tma::load_kv_boxes<kHeadDim, kHeadDimV, kTK>(k_addr, maps.kv, a.g, a.k_row0, packed ? 0 : a.b, full);
-        // Rows r0 .. r0 + 63 of the step are tokens r0 / G .., heads g G .. g G + G - 1.
-        const index_t tok0 = a.tok_lo + ((a.r_begin + j * kN) >> log2_g);
-        const int c2 = static_cast<int>(a.q_row0 + tok0), c3 = packed ? 0 : a.b, c1 = a.g * G;
+      const uint32_t full = full_bar(j);
+      // Step 0 also brings the tile's K and V (keys past nk are whatever the tensor holds there:
+      // their dK / dV rows are never stored).
+      tma::mbar_arrive_expect_tx(full, C::kRowsBytes + 2 * TC::kStatFloats * 4 + (j == 0 ? C::kKBytes + C::kVBytes : 0));
+      if (j == 0)
+        tma::load_kv_boxes<kHeadDim, kHeadDimV, kTK>(k_addr, maps.kv, a.g, a.k_row0, packed ? 0 : a.b, full);
+      // Rows r0 .. r0 + 63 of the step are tokens r0 / G .., heads g G .. g G + G - 1.
+      const index_t tok0 = a.tok_lo + ((a.r_begin + j * kN) >> log2_g);
+      const int c2 = static_cast<int>(a.q_row0 + tok0), c3 = packed ? 0 : a.b, c1 = a.g * G;
 #pragma unroll
-        for (int c = 0; c < kHeadDim / 64; ++c) tma::load_4d(q_addr(j) + c * kN * 128, &maps.q, 64 * c, c1, c2, c3, full);
+      for (int c = 0; c < kHeadDim / 64; ++c) tma::load_4d(q_addr(j) + c * kN * 128, &maps.q, 64 * c, c1, c2, c3, full);
 #pragma unroll
-        for (int c = 0; c < kHeadDimV / 64; ++c) tma::load_4d(do_addr(j) + c * kN * 128, &maps.dout, 64 * c, c1, c2, c3, full);
-        const uint32_t st = stat_addr + static_cast<uint32_t>(j % kStages) * TC::kStatBytes;
-        tma::load_3d(st, &maps.lse, c1, c2, c3, full);
-        tma::load_3d(st + TC::kStatFloats * 4, &maps.delta, c1, c2, c3, full);
-      }
+      for (int c = 0; c < kHeadDimV / 64; ++c) tma::load_4d(do_addr(j) + c * kN * 128, &maps.dout, 64 * c, c1, c2, c3, full);
+      const uint32_t st = stat_addr + static_cast<uint32_t>(j % kStages) * TC::kStatBytes;
+      tma::load_3d(st, &maps.lse, c1, c2, c3, full);
+      tma::load_3d(st + TC::kStatFloats * 4, &maps.delta, c1, c2, c3, full);
     }
     return;
   }

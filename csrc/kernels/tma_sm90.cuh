@@ -156,12 +156,12 @@ inline bool enabled() {
   return !(e != nullptr && e[0] == '1');
 }
 
-// The K / V maps of a range branch's key tiles (box: 64 columns, 1 head, tile_n keys); false
-// when TMA is off (NSA_DISABLE_TMA=1) or cannot describe the tensors.
+// The K / V maps of a range branch's key tiles (box: 64 columns, 1 head, tile_n keys).
 struct KvTileMaps {
   CUtensorMap k, v;
 };
 
+// False when TMA is off (NSA_DISABLE_TMA=1) or cannot describe the tensors.
 template <typename T, bool kCompressed>
 bool encode_kv_tile_maps(KvTileMaps& m, const AttnParams& p, int tile_n) {
   if (!enabled()) return false;
@@ -188,7 +188,7 @@ __device__ __forceinline__ void load_kv_boxes(uint32_t k_dst, const KvTileMaps& 
   for (int c = 0; c < kHeadDimV / 64; ++c) load_4d(v_dst + c * kTileN * 128, &m.v, 64 * c, g, r, b, bar);
 }
 
-// The same as the only arrival of the stage's phase.
+// load_kv_boxes as the only arrival of the stage's phase (announcing the tile's bytes).
 template <int kHeadDim, int kHeadDimV, int kTileN>
 __device__ __forceinline__ void load_kv_tile(uint32_t k_dst, const KvTileMaps& m, int g, index_t row0, int b,
                                              uint32_t bar) {
