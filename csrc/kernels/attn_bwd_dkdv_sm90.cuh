@@ -213,10 +213,8 @@ __device__ __forceinline__ void dkdv_tile_sm90_wide(const AttnBwdParams& p, cons
   const float *lse = tq.lse, *delta = tq.delta;
 
   float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDimV / 8][4];
-#pragma unroll
-  for (int n = 0; n < kHeadDim / 8; ++n) dk_acc[n][0] = dk_acc[n][1] = dk_acc[n][2] = dk_acc[n][3] = 0.f;
-#pragma unroll
-  for (int n = 0; n < kHeadDimV / 8; ++n) dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
+  sparse_detail::zero_acc<kHeadDim>(dk_acc);
+  sparse_detail::zero_acc<kHeadDimV>(dv_acc);
   float(&dk_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dk_acc);
   float(&dv_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(dv_acc);
 

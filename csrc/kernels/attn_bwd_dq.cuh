@@ -138,12 +138,6 @@ __device__ __forceinline__ void dq_epilogue(const AttnBwdParams& p, const RowMap
   }
 }
 
-template <int kDqCols>
-__device__ __forceinline__ void zero_acc(float (&acc)[kDqCols / 8][4]) {
-#pragma unroll
-  for (int n = 0; n < kDqCols / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Contiguous ranges (compressed keys, window keys): range_attn_fwd_kernel.cuh's walk.
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>

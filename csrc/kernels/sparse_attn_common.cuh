@@ -195,5 +195,12 @@ __device__ __forceinline__ void gemm_16x32_regs_nn(float (&acc)[kDimOut / 8][4],
   }
 }
 
+// Zeroes an m16n8 accumulator tile of kCols columns (dQ, dK, dV, O).
+template <int kCols>
+__device__ __forceinline__ void zero_acc(float (&acc)[kCols / 8][4]) {
+#pragma unroll
+  for (int n = 0; n < kCols / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
 }  // namespace sparse_detail
 }  // namespace nsa
