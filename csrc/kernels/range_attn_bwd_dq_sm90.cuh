@@ -13,6 +13,8 @@
 // bitwise reproducible.
 #pragma once
 
+#include <cstdlib>
+
 #include "attn_bwd_dq.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -216,6 +218,198 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
+// The dQ kernel in the producer form of the dK/dV tile (attn_bwd_dkdv_sm90_tma.cuh). Three warpgroups: thread 0 of
+// the first issues every load (per pass the CTA's 128 query rows of q and dout, one box of
+// (64 columns, heads, 128 / heads tokens) per 64 columns; per key tile its K / V boxes into a
+// four-stage ring, each stage with a full and an empty barrier); warpgroups 1 and 2 compute as
+// the kernel above but without the per-step CTA barrier, releasing a stage once their dQ product
+// of it is waited for and the query rows once their epilogue has run (RangeWsMaps and the
+// conditions: range_attn_fwd_sm90.cuh). The default for the window; at 64k the compressed dQ
+// measured 0.82-0.86x of the kernel above (H200), so it runs there only under NSA_RANGE_WS=1.
+template <int kHeadDim, int kHeadDimV>
+struct RangeDqWsConfig {
+  using Base = RangeDqSm90Config<kHeadDim, kHeadDimV>;
+  static constexpr int kThreads = 384;
+  static constexpr int kBarriers = 2 * Base::kStages + 2;  // full, empty per stage; rows full, rows empty
+  static constexpr int kSmemBytes = Base::kQBytes + Base::kOBytes + Base::kStages * Base::kStageBytes + kBarriers * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__global__ void __launch_bounds__(384, 1)
+    range_attn_bwd_dq_sm90_ws_kernel(const AttnBwdParams p, const __grid_constant__ RangeWsMaps maps) {
+#ifdef NSA_WGMMA
+  using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
+  constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t do_base = q_base + Cfg::kQBytes;
+  const uint32_t stage_addr = do_base + Cfg::kOBytes;
+  const uint32_t bar_addr = stage_addr + kStages * Cfg::kStageBytes;
+  auto full_bar = [&](uint32_t gi) { return bar_addr + (gi % kStages) * 8; };
+  auto empty_bar = [&](uint32_t gi) { return bar_addr + (kStages + gi % kStages) * 8; };
+  const uint32_t rows_full = bar_addr + 2 * kStages * 8, rows_empty = rows_full + 8;
+
+  const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const bool packed = p.cu_seqlens != nullptr;
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      tma::mbar_init(bar_addr + st * 8, 1);
+      tma::mbar_init(bar_addr + (kStages + st) * 8, 256);
+    }
+    tma::mbar_init(rows_full, 1);
+    tma::mbar_init(rows_empty, 256);
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
+    tma::setmaxnreg_dec<24>();
+    if (tid != 0) return;
+    uint32_t seq = 0, pass_i = 0;
+    Pass ps;
+    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+      const RangeKeys<kCompressed> rk(p, ps);
+      index_t lo, hi;
+      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+      const int bc = packed ? 0 : ps.b;
+      if (pass_i > 0) tma::mbar_wait(rows_empty, (pass_i - 1) & 1);
+      tma::mbar_arrive_expect_tx(rows_full, Cfg::kQBytes + Cfg::kOBytes);
+      const int row0 = static_cast<int>(ps.row_begin + ps.t0);  // the CTA's first token slot
+#pragma unroll
+      for (int c = 0; c < kHeadDim / 64; ++c)
+        tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, rows_full);
+#pragma unroll
+      for (int c = 0; c < kHeadDimV / 64; ++c)
+        tma::load_4d(do_base + c * Cfg::kRowsCta * 128, &maps.dout, 64 * c, rm.head0, row0, bc, rows_full);
+      for (int it = 0; it < n_tiles; ++it) {
+        const uint32_t gi = seq + static_cast<uint32_t>(it);
+        if (gi >= kStages) tma::mbar_wait(empty_bar(gi), (gi / kStages - 1) & 1);
+        tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
+                                                       rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
+                                                       full_bar(gi));
+      }
+      seq += static_cast<uint32_t>(n_tiles);
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroups 1 and 2 are the kernel above's two warpgroups
+  tma::setmaxnreg_inc<240>();
+  const int cw = warp - 4;
+  const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t q_addr = q_base + (cw / 4) * 64 * 128;  // this warpgroup's 64 rows of each column atom
+  const uint32_t do_addr = do_base + (cw / 4) * 64 * 128;
+  const float scale_log2 = p.scale * kLog2e;
+  uint32_t seq = 0, pass_i = 0;
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+    const Pass wps = warp_pass(ps, cw, P);
+    const RangeKeys<kCompressed> rk(p, ps);
+    index_t lo, hi;
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+
+    const DqRows rw = dq_rows(p, rm, wps, gid);
+    index_t row_lo[2], row_hi[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) rk.row_keys(p, wps.t0 + rw.tok[ri], rw.on[ri], row_lo[ri], row_hi[ri]);
+    index_t keys_lo_max, keys_hi_min, unused;
+    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
+    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    float dq_acc[kHeadDim / 8][4];
+    zero_acc<kHeadDim>(dq_acc);
+    float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
+    auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
+
+    auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
+      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+      const uint32_t v_addr = k_addr + Cfg::kKBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk)
+        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
+                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+#pragma unroll
+      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
+        wgmma::Wgmma<T, kTileN>::ss(dp_acc, wgmma::make_desc(do_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
+                                    wgmma::make_desc(v_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma::commit();
+    };
+    auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kk = n * 8 + 2 * tig + e;
+            float& x = s_acc[4 * n + 2 * ri + e];
+            const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
+            x = whole || (kk >= klo && kk < khi) ? ds : 0.f;
+          }
+      }
+    };
+
+    // As above, without the CTA barrier: the last step's S, dP read the stage the next tile will
+    // use (possibly being refilled for the next pass); their result is never used.
+    float s[kTileN / 2], dp[kTileN / 2];
+    auto step = [&](int it) {
+      if (it + 1 < n_tiles) {
+        const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
+        tma::mbar_wait(full_bar(gi), (gi / kStages) & 1);
+      }
+      uint32_t da[kTileN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        da[kk][0] = mma::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        da[kk][1] = mma::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        da[kk][2] = mma::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        da[kk][3] = mma::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      issue_s_dp(it + 1, s, dp);
+      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk)
+        wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
+      wgmma::commit();
+      wgmma::wait<1>();
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+      make_ds(it + 1, s, dp);
+      wgmma::wait<0>();
+      wgmma::fence_operands(dq_flat);
+      tma::mbar_arrive(empty_bar(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
+    };
+
+    tma::mbar_wait(rows_full, pass_i & 1);
+    if (n_tiles > 0) {
+      tma::mbar_wait(full_bar(seq), (seq / kStages) & 1);
+      issue_s_dp(0, s, dp);
+      wgmma::wait<0>();
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+      make_ds(0, s, dp);
+    }
+    for (int it = 0; it < n_tiles; ++it) step(it);
+
+    dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
+    tma::mbar_arrive(rows_empty);  // every wgmma reading the rows was waited for
+    seq += static_cast<uint32_t>(n_tiles);
+  }
+#endif
+}
+
 // The range dQ: the wgmma kernel where it runs and covers the head dims, else sm_80's.
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, class Sm80Kernel>
 Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_smem, index_t sm80_ctas,
@@ -223,6 +417,15 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
   if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
     if (wgmma_kernel_usable(range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>)) {
       using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
+      const RangeWs ws = range_ws_mode();
+      if (ws == RangeWs::kForce || (ws == RangeWs::kDefault && !kCompressed)) {
+        RangeWsMaps ws_maps{};
+        if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, p.dout, p.dout_stride)) {
+          using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;
+          return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>, WC::kThreads,
+                           WC::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream, ws_maps);
+        }
+      }
       tma::KvTileMaps maps{};
       const bool use_tma = tma::encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
       auto kernel = use_tma ? range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, true>

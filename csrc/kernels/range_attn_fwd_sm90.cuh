@@ -378,6 +378,255 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
 #endif
 }
 
+// The producer form of the range forward and dQ, as the dK/dV tile (attn_bwd_dkdv_sm90_tma.cuh):
+// three warpgroups; thread 0 of the first issues every load by TMA (per pass the CTA's 128 query
+// rows, one box of (64 columns, heads, 128 / heads tokens) per 64 columns; per key tile its K / V
+// boxes into the four-stage ring, each stage with a full and an empty barrier); warpgroups 1 and
+// 2 compute as the kernels above but without the per-step CTA barrier, release a stage once
+// their last product reading it is waited for, and the query rows once their epilogue has run.
+// The CTA's rows must be whole (token, head) boxes: G in {1, 2, 4, 8, 16} or a multiple of 16.
+// Measured on the H200 (session 14): forward 1.12-1.24x over the one-thread-TMA kernel, window
+// dQ 1.18-1.27x, but compressed dQ 0.82-0.86x at 64k, so that one keeps the older kernel unless
+// NSA_RANGE_WS=1 forces it (range_ws_mode).
+struct RangeWsMaps {
+  tma::KvTileMaps kv;
+  CUtensorMap q, dout;  // boxes of (64, min(G, 16), 128 / min(G, 16), 1)
+};
+
+// The producer form's maps; false where TMA cannot describe them or the CTA's rows are not
+// whole (token, head) boxes.
+template <typename T, bool kCompressed>
+bool encode_range_ws_maps(RangeWsMaps& m, const AttnParams& p, const void* dout, const Strides3& dout_stride) {
+  const int G = p.heads_q / p.heads_kv;
+  const bool rows_ok = (G <= 16 && 16 % G == 0) || G % 16 == 0;
+  if (!rows_ok || !tma::encode_kv_tile_maps<T, kCompressed>(m.kv, p, 64)) return false;
+  const int hb = G < 16 ? G : 16;
+  const bool packed = p.cu_seqlens != nullptr;
+  const index_t batch = packed ? 1 : p.batch, rows = packed ? p.total_rows : p.seqlen;
+  return tma::encode_rows_map<T>(&m.q, p.q, batch, rows, p.heads_q, p.head_dim_qk, p.q_stride.batch, p.q_stride.row,
+                                 p.q_stride.head, hb, 128 / hb) &&
+         (dout == nullptr || tma::encode_rows_map<T>(&m.dout, dout, batch, rows, p.heads_q, p.head_dim_v,
+                                                     dout_stride.batch, dout_stride.row, dout_stride.head, hb, 128 / hb));
+}
+
+// NSA_RANGE_WS: unset = the producer form where it measured faster (forward, window dQ); "0" =
+// never; "1" = also the compressed dQ. Read per launch so one process can time both.
+enum class RangeWs { kOff, kDefault, kForce };
+inline RangeWs range_ws_mode() {
+  const char* e = std::getenv("NSA_RANGE_WS");
+  if (e == nullptr || e[0] == '\0') return RangeWs::kDefault;
+  return e[0] == '0' ? RangeWs::kOff : e[0] == '1' ? RangeWs::kForce : RangeWs::kDefault;
+}
+
+
+// The forward's producer form (the header above).
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+__global__ void __launch_bounds__(384, 1)
+    range_attn_fwd_sm90_ws_kernel(const AttnParams p, const __grid_constant__ RangeWsMaps maps) {
+#ifdef NSA_WGMMA
+  using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, 2>;
+  constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t stage_addr = q_base + Cfg::kQBytes;
+  const uint32_t bar_addr = stage_addr + kStages * Cfg::kStageBytes;
+  auto full_bar = [&](uint32_t gi) { return bar_addr + (gi % kStages) * 8; };
+  auto empty_bar = [&](uint32_t gi) { return bar_addr + (kStages + gi % kStages) * 8; };
+  const uint32_t rows_full = bar_addr + 2 * kStages * 8, rows_empty = rows_full + 8;
+
+  const RowMap rm = query_row_map(p);
+  const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
+  Group gr;
+  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const bool packed = p.cu_seqlens != nullptr;
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      tma::mbar_init(bar_addr + st * 8, 1);
+      tma::mbar_init(bar_addr + (kStages + st) * 8, 256);
+    }
+    tma::mbar_init(rows_full, 1);
+    tma::mbar_init(rows_empty, 256);
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
+    tma::setmaxnreg_dec<24>();
+    if (tid != 0) return;
+    uint32_t seq = 0, pass_i = 0;
+    Pass ps;
+    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+      const RangeKeys<kCompressed> rk(p, ps);
+      index_t lo, hi;
+      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+      const int n_steps = (n_tiles + 1) & ~1;  // the consumers' even step count (the last tile masked)
+      const int bc = packed ? 0 : ps.b;
+      if (pass_i > 0) tma::mbar_wait(rows_empty, (pass_i - 1) & 1);
+      tma::mbar_arrive_expect_tx(rows_full, Cfg::kQBytes);
+      const int row0 = static_cast<int>(ps.row_begin + ps.t0);
+#pragma unroll
+      for (int c = 0; c < kHeadDim / 64; ++c)
+        tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, rows_full);
+      for (int it = 0; it < n_steps; ++it) {
+        const uint32_t gi = seq + static_cast<uint32_t>(it);
+        if (gi >= kStages) tma::mbar_wait(empty_bar(gi), (gi / kStages - 1) & 1);
+        tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
+                                                       rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
+                                                       full_bar(gi));
+      }
+      seq += static_cast<uint32_t>(n_steps);
+    }
+    return;
+  }
+
+  // ---- consumers
+  tma::setmaxnreg_inc<240>();
+  const int cw = warp - 4;
+  const int gid = lane >> 2, tig = lane & 3;
+  const uint32_t q_addr = q_base + (cw / 4) * 64 * 128;
+  const float scale_log2 = p.scale * kLog2e;
+  uint32_t seq = 0, pass_i = 0;
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+    const Pass wps = warp_pass(ps, cw, P);
+    const RangeKeys<kCompressed> rk(p, ps);
+    index_t lo, hi;
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    const int n_steps = (n_tiles + 1) & ~1;
+
+    int row_tok[2];
+    bool row_on[2];
+    index_t row_lo[2], row_hi[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = gid + ri * 8;
+      row_tok[ri] = r / rm.heads;
+      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
+      rk.row_keys(p, wps.t0 + row_tok[ri], row_on[ri], row_lo[ri], row_hi[ri]);
+    }
+    index_t keys_lo_max, keys_hi_min, unused;
+    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
+    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+    float o_acc[kHeadDimV / 8][4];
+#pragma unroll
+    for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
+    auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
+
+    auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
+      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk)
+        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
+                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma::commit();
+    };
+    auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
+      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
+      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        if (!whole) {
+          const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
+#pragma unroll
+          for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int kk = n * 8 + 2 * tig + e;
+              float& x = s[4 * n + 2 * ri + e];
+              x = kk >= klo && kk < khi ? x : -INFINITY;
+            }
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[ri], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
+        m_run[ri] = m_new;
+        const float m_scaled = m_use * scale_log2;
+        float rs = 0.f;
+#pragma unroll
+        for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[4 * n + 2 * ri + e];
+            x = exp2f(fmaf(x, scale_log2, -m_scaled));
+            rs += x;
+          }
+        l_run[ri] = l_run[ri] * alpha[ri] + rs;
+      }
+    };
+    auto rescale_o = [&](const float(&alpha)[2]) {
+#pragma unroll
+      for (int n = 0; n < kHeadDimV / 8; ++n) {
+        o_acc[n][0] *= alpha[0];
+        o_acc[n][1] *= alpha[0];
+        o_acc[n][2] *= alpha[1];
+        o_acc[n][3] *= alpha[1];
+      }
+    };
+    // As the kernel above without the CTA barrier; the last step's S reads the stage the next
+    // tile will use (possibly being refilled for the next pass) and the softmax masks all of it.
+    auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
+      if (it + 1 < n_steps) {
+        const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
+        tma::mbar_wait(full_bar(gi), (gi / kStages) & 1);
+      }
+      uint32_t pa[kTileN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        pa[kk][0] = mma::pack2<T>(p_cur[8 * kk + 0], p_cur[8 * kk + 1]);
+        pa[kk][1] = mma::pack2<T>(p_cur[8 * kk + 2], p_cur[8 * kk + 3]);
+        pa[kk][2] = mma::pack2<T>(p_cur[8 * kk + 4], p_cur[8 * kk + 5]);
+        pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
+      }
+      issue_s(it + 1, s_nxt);
+      const uint32_t v_addr = stage_addr + stage_of(it) * Cfg::kStageBytes + Cfg::kKBytes;
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk)
+        wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * 1024, kTileN * 128, 1024));
+      wgmma::commit();
+      wgmma::wait<1>();
+      wgmma::fence_operands(s_nxt);
+      float alpha[2];
+      softmax(it + 1, s_nxt, alpha);
+      wgmma::wait<0>();
+      wgmma::fence_operands(o_flat);
+      rescale_o(alpha);
+      tma::mbar_arrive(empty_bar(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
+    };
+
+    float s_a[kTileN / 2], s_b[kTileN / 2];
+    tma::mbar_wait(rows_full, pass_i & 1);
+    if (n_steps > 0) {
+      tma::mbar_wait(full_bar(seq), (seq / kStages) & 1);
+      issue_s(0, s_a);
+      wgmma::wait<0>();
+      wgmma::fence_operands(s_a);
+      float alpha[2];
+      softmax(0, s_a, alpha);
+    }
+    for (int it = 0; it < n_steps; it += 2) {
+      step(it, s_a, s_b);
+      step(it + 1, s_b, s_a);
+    }
+    fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
+    tma::mbar_arrive(rows_empty);
+    seq += static_cast<uint32_t>(n_steps);
+  }
+#endif
+}
+
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
 Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
@@ -389,6 +638,18 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
   if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
+  if (kWarpGroups == 2 && range_ws_mode() != RangeWs::kOff) {
+    RangeWsMaps ws_maps{};
+    if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, nullptr, Strides3{})) {
+      auto ws_kernel = range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
+      constexpr int kWsSmem = Cfg::kSmemBytes + 4 * Cfg::kStages * 8;  // + empty and rows barriers
+      cudaError_t e = cudaFuncSetAttribute(ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
+      if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
+      ws_kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
+      e = cudaGetLastError();
+      return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
+    }
+  }
   tma::KvTileMaps maps{};
   const bool use_tma = tma::encode_kv_tile_maps<T, kCompressed>(maps, p, Cfg::kTileN);
   auto kernel = use_tma ? range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, true>
