@@ -5,6 +5,10 @@ T in {8k, 16k, 32k, 64k, 128k}: headline config (HQ = 64, H = 4, D = 128, bf16, 
 l' = 64, n = 16, w = 512), also G = 4 (HQ = 16) and Dk = 192 / Dv = 128.
 
 Also measures the peak device memory of one call beyond the inputs (NSA and cuDNN).
+--query-corr R (default 0: i.i.d. queries) makes the queries of each run of R consecutive tokens
+share a direction (q_t = 0.9 u_{t // R} + 0.45 z_t), so that neighbours select overlapping blocks
+as in trained models (DESIGN §5's "neighbouring tokens pick similar blocks"); i.i.d. random
+queries give every token its own blocks. The table names the setting.
 Writes a dated markdown table and a plot (SVG; also PNG when matplotlib is installed) to
 bench/results/."""
 from __future__ import annotations
@@ -49,12 +53,20 @@ def peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_config(name: str, T: int, backward: bool):
+def make_queries(T: int, HQ: int, Dk: int, corr: int) -> torch.Tensor:
+    q = torch.randn(1, T, HQ, Dk, device="cuda", dtype=torch.bfloat16)
+    if corr > 1:
+        base = torch.randn(1, (T + corr - 1) // corr, HQ, Dk, device="cuda", dtype=torch.bfloat16)
+        q = (0.9 * base.repeat_interleave(corr, 1)[:, :T] + 0.45 * q).to(torch.bfloat16)
+    return q
+
+
+def run_config(name: str, T: int, backward: bool, corr: int = 0):
     """(median ms, peak extra bytes, input bytes) of the whole NSA, or None if this build lacks
     a kernel it needs (a partial NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS build)."""
     HQ, H, Dk, Dv = CONFIGS[name]
     dt = torch.bfloat16
-    q = torch.randn(1, T, HQ, Dk, device="cuda", dtype=dt, requires_grad=backward)
+    q = make_queries(T, HQ, Dk, corr).requires_grad_(backward)
     k = torch.randn(1, T, H, Dk, device="cuda", dtype=dt, requires_grad=backward)
     v = torch.randn(1, T, H, Dv, device="cuda", dtype=dt, requires_grad=backward)
     gates = [torch.rand(1, T, HQ, device="cuda", dtype=dt, requires_grad=backward) for _ in range(3)]
@@ -103,7 +115,9 @@ def main() -> None:
     default_T = [int(t) for t in (os.environ.get("NSA_BENCH_T") or "8192 16384 32768 65536 131072").split()]
     ap.add_argument("--T", type=int, nargs="*", default=default_T)
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--query-corr", type=int, default=0, help="tokens sharing a query direction (0: i.i.d.)")
     args = ap.parse_args()
+    tag = f" (corr {args.query_corr})" if args.query_corr > 1 else ""
     rows, missing = [], []
     series = {}  # plot: (config, pass, who) -> [(T, ms)]
     for T in args.T:
@@ -113,7 +127,7 @@ def main() -> None:
                 pass_ = "fwd+bwd" if backward else "fwd"
                 cudnn = common.full_attention("cudnn", T, HQ, H, Dk, backward=backward, iters=5) if Dk == Dv else None
                 flash = common.full_attention("flash", T, HQ, H, Dk, backward=backward, iters=5) if Dk == Dv else None
-                res = run_config(name, T, backward)
+                res = run_config(name, T, backward, args.query_corr)
                 if res is None:
                     missing.append(f"{name} T={T} {pass_}")
                     continue
@@ -121,12 +135,12 @@ def main() -> None:
                 full_peak = full_attention_peak(T, HQ, H, Dk, backward) if Dk == Dv else -1
                 fl = nsa_flops(T, HQ, Dk, Dv) * (3.5 if backward else 1.0)
                 base = cudnn if cudnn is not None else flash
-                rows.append([T, name, pass_, f"{nsa_ms:.2f}", f"{fl / nsa_ms / 1e9:.0f}",
+                rows.append([T, name + tag, pass_, f"{nsa_ms:.2f}", f"{fl / nsa_ms / 1e9:.0f}",
                              "-" if cudnn is None else f"{cudnn:.2f}", "-" if flash is None else f"{flash:.2f}",
                              "-" if base is None else f"{base / nsa_ms:.2f}x",
                              f"{peak / 2**30:.2f} GiB ({peak / inputs:.1f}x inputs)",
                              "-" if full_peak < 0 else f"{full_peak / 2**30:.2f} GiB"])
-                series.setdefault((name, pass_, "NSA"), []).append((T, nsa_ms))
+                series.setdefault((name + tag, pass_, "NSA"), []).append((T, nsa_ms))
                 if cudnn is not None:
                     series.setdefault((name, pass_, "cuDNN full"), []).append((T, cudnn))
                 torch.cuda.empty_cache()
@@ -140,10 +154,12 @@ def main() -> None:
         "peak memory": "torch.cuda.max_memory_allocated during one call minus what was allocated before "
                        "(inputs: q, k, v, gates, weights, and dO for fwd+bwd)",
         "timing": "median of 5 CUDA-event timings after 2 warm-ups",
+        "queries": (f"correlated within runs of {args.query_corr} tokens: q_t = 0.9 u_(t // {args.query_corr}) + "
+                    "0.45 z_t (u, z i.i.d. normal)") if args.query_corr > 1 else "i.i.d. normal (q, k, v)",
     }
     if missing:
         notes["not in this build"] = ", ".join(missing)
-    path = common.write_table("nsa", ["T", "config", "pass", "NSA ms", "NSA TFLOP/s", "cuDNN ms", "flash ms",
+    path = common.write_table("nsa" + ("_corr" if tag else ""), ["T", "config", "pass", "NSA ms", "NSA TFLOP/s", "cuDNN ms", "flash ms",
                                       "speedup vs cuDNN", "NSA peak extra memory", "cuDNN peak extra memory"],
                               rows, notes)
     common.write_plot(path.with_suffix(""), "NSA vs causal full attention (" + common.card() + ")", series)

@@ -39,6 +39,28 @@ struct RangeDqSm90Config {
                 "wgmma dQ: D, Dv in {64, 128}");
 };
 
+// dS = P (dP - delta) of a tile starting at key s0 into s (fp32), P = exp2(S scale_log2 - lse_l2);
+// keys outside a row's range give 0 (a select: masked keys may hold anything).
+template <int kTileN>
+__device__ __forceinline__ void make_ds_tile(float (&s_acc)[kTileN / 2], const float (&dp_acc)[kTileN / 2],
+                                             const RangeRowKeys& rows, const DqRows& rw, index_t s0, int tig,
+                                             float scale_log2) {
+  const bool whole = rows.whole<kTileN>(s0);
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
+#pragma unroll
+    for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int kk = n * 8 + 2 * tig + e;
+        float& x = s_acc[4 * n + 2 * ri + e];
+        const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
+        x = whole || (kk >= klo && kk < khi) ? ds : 0.f;
+      }
+  }
+}
+
 // kTma: the key tiles come by TMA (tma::KvTileMaps, tma::load_kv_tile).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kTma = false>
 __global__ void __launch_bounds__(256, 1)
@@ -107,12 +129,7 @@ __global__ void __launch_bounds__(256, 1)
     mma::cp_async_commit();
 
     const DqRows rw = dq_rows(p, rm, wps, gid);
-    index_t row_lo[2], row_hi[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) rk.row_keys(p, wps.t0 + rw.tok[ri], rw.on[ri], row_lo[ri], row_hi[ri]);
-    index_t keys_lo_max, keys_hi_min, unused;  // keys every token of the pass attends
-    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
-    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, rw.tok, rw.on);
     float dq_acc[kHeadDim / 8][4];
     zero_acc<kHeadDim>(dq_acc);
     float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
@@ -122,33 +139,12 @@ __global__ void __launch_bounds__(256, 1)
       const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
       const uint32_t v_addr = k_addr + Cfg::kKBytes;
       wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
-                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
-        wgmma::Wgmma<T, kTileN>::ss(dp_acc, wgmma::make_desc(do_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
-                                    wgmma::make_desc(v_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
+      wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
       wgmma::commit();
     };
-    // dS of tile it into s (fp32).
     auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
-      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;  // CTA-uniform (see the forward)
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int kk = n * 8 + 2 * tig + e;
-            float& x = s_acc[4 * n + 2 * ri + e];
-            const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
-            x = whole || (kk >= klo && kk < khi) ? ds : 0.f;  // a select: masked keys may hold anything
-          }
-      }
+      make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
     };
 
     // Step it: dS of tile it is in s. Its bf16 A fragments are taken first, so S of tile it + 1
@@ -170,13 +166,7 @@ __global__ void __launch_bounds__(256, 1)
         mma::cp_async_commit();
       }
       uint32_t da[kTileN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk) {
-        da[kk][0] = mma::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        da[kk][1] = mma::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        da[kk][2] = mma::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        da[kk][3] = mma::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
+      pack_p_fragments<T, kTileN>(s, da);
       issue_s_dp(it + 1, s, dp);
       // K MN-major: column atoms (64 head dims) kTileN * 128 bytes apart, 8-key groups 1024.
       const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
@@ -247,56 +237,19 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t do_base = q_base + Cfg::kQBytes;
   const uint32_t stage_addr = do_base + Cfg::kOBytes;
-  const uint32_t bar_addr = stage_addr + kStages * Cfg::kStageBytes;
-  auto full_bar = [&](uint32_t gi) { return bar_addr + (gi % kStages) * 8; };
-  auto empty_bar = [&](uint32_t gi) { return bar_addr + (kStages + gi % kStages) * 8; };
-  const uint32_t rows_full = bar_addr + 2 * kStages * 8, rows_empty = rows_full + 8;
+  const RangeWsBarriers<kStages> bars(stage_addr + kStages * Cfg::kStageBytes);
 
   const RowMap rm = query_row_map(p);
   const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
   Group gr;
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
-  const bool packed = p.cu_seqlens != nullptr;
-  if (tid == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      tma::mbar_init(bar_addr + st * 8, 1);
-      tma::mbar_init(bar_addr + (kStages + st) * 8, 256);
-    }
-    tma::mbar_init(rows_full, 1);
-    tma::mbar_init(rows_empty, 256);
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
+  bars.init(tid);
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid != 0) return;
-    uint32_t seq = 0, pass_i = 0;
-    Pass ps;
-    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
-      const RangeKeys<kCompressed> rk(p, ps);
-      index_t lo, hi;
-      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
-      const int bc = packed ? 0 : ps.b;
-      if (pass_i > 0) tma::mbar_wait(rows_empty, (pass_i - 1) & 1);
-      tma::mbar_arrive_expect_tx(rows_full, Cfg::kQBytes + Cfg::kOBytes);
-      const int row0 = static_cast<int>(ps.row_begin + ps.t0);  // the CTA's first token slot
-#pragma unroll
-      for (int c = 0; c < kHeadDim / 64; ++c)
-        tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, rows_full);
-#pragma unroll
-      for (int c = 0; c < kHeadDimV / 64; ++c)
-        tma::load_4d(do_base + c * Cfg::kRowsCta * 128, &maps.dout, 64 * c, rm.head0, row0, bc, rows_full);
-      for (int it = 0; it < n_tiles; ++it) {
-        const uint32_t gi = seq + static_cast<uint32_t>(it);
-        if (gi >= kStages) tma::mbar_wait(empty_bar(gi), (gi / kStages - 1) & 1);
-        tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
-                                                       rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
-                                                       full_bar(gi));
-      }
-      seq += static_cast<uint32_t>(n_tiles);
-    }
+    if (tid == 0)
+      range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, gr, cta_tokens,
+                                                                                q_base, do_base, stage_addr);
     return;
   }
 
@@ -317,12 +270,7 @@ __global__ void __launch_bounds__(384, 1)
     const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
 
     const DqRows rw = dq_rows(p, rm, wps, gid);
-    index_t row_lo[2], row_hi[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) rk.row_keys(p, wps.t0 + rw.tok[ri], rw.on[ri], row_lo[ri], row_hi[ri]);
-    index_t keys_lo_max, keys_hi_min, unused;
-    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
-    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, rw.tok, rw.on);
     float dq_acc[kHeadDim / 8][4];
     zero_acc<kHeadDim>(dq_acc);
     float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
@@ -332,32 +280,12 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
       const uint32_t v_addr = k_addr + Cfg::kKBytes;
       wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
-                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
-        wgmma::Wgmma<T, kTileN>::ss(dp_acc, wgmma::make_desc(do_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
-                                    wgmma::make_desc(v_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
+      wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
       wgmma::commit();
     };
     auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
-      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int kk = n * 8 + 2 * tig + e;
-            float& x = s_acc[4 * n + 2 * ri + e];
-            const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
-            x = whole || (kk >= klo && kk < khi) ? ds : 0.f;
-          }
-      }
+      make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
     };
 
     // As above, without the CTA barrier: the last step's S, dP read the stage the next tile will
@@ -366,16 +294,10 @@ __global__ void __launch_bounds__(384, 1)
     auto step = [&](int it) {
       if (it + 1 < n_tiles) {
         const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
-        tma::mbar_wait(full_bar(gi), (gi / kStages) & 1);
+        bars.wait_full(gi);
       }
       uint32_t da[kTileN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk) {
-        da[kk][0] = mma::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-        da[kk][1] = mma::pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-        da[kk][2] = mma::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-        da[kk][3] = mma::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
+      pack_p_fragments<T, kTileN>(s, da);
       issue_s_dp(it + 1, s, dp);
       const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
       wgmma::fence();
@@ -389,12 +311,12 @@ __global__ void __launch_bounds__(384, 1)
       make_ds(it + 1, s, dp);
       wgmma::wait<0>();
       wgmma::fence_operands(dq_flat);
-      tma::mbar_arrive(empty_bar(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
+      tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
     };
 
-    tma::mbar_wait(rows_full, pass_i & 1);
+    tma::mbar_wait(bars.rows_full(), pass_i & 1);
     if (n_tiles > 0) {
-      tma::mbar_wait(full_bar(seq), (seq / kStages) & 1);
+      bars.wait_full(seq);
       issue_s_dp(0, s, dp);
       wgmma::wait<0>();
       wgmma::fence_operands(s);
@@ -404,7 +326,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int it = 0; it < n_tiles; ++it) step(it);
 
     dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
-    tma::mbar_arrive(rows_empty);  // every wgmma reading the rows was waited for
+    tma::mbar_arrive(bars.rows_empty());  // every wgmma reading the rows was waited for
     seq += static_cast<uint32_t>(n_tiles);
   }
 #endif

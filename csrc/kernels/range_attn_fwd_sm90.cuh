@@ -147,6 +147,121 @@ __device__ __forceinline__ void load_query_rows_swizzled(unsigned char* dst, con
   }
 }
 
+// A thread's two rows of a warp's pass (rows gid and gid + 8 of its 16): the token slot and
+// whether the row is real (the sm_80 kernels' layout, tokens of P x heads rows).
+__device__ __forceinline__ void fwd_rows(const RowMap& rm, const Pass& wps, int gid, int (&tok)[2], bool (&on)[2]) {
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = gid + ri * 8;
+    tok[ri] = r / rm.heads;
+    on[ri] = r < rm.tokens * rm.heads && tok[ri] >= wps.p_begin && tok[ri] < wps.p_end;
+  }
+}
+
+// The keys of a thread's two rows and the keys every token of the pass attends, for the masks.
+struct RangeRowKeys {
+  index_t lo[2], hi[2];       // keys [lo, hi) of the row's token
+  index_t all_lo, all_hi;     // [all_lo, all_hi): keys of every token of the pass (ends monotone in t)
+  // Most tiles lie inside every token's key range: no masks. The test is the same for the whole
+  // CTA (a branch that diverged inside the warpgroup would serialize the wgmmas).
+  template <int kTileN>
+  __device__ __forceinline__ bool whole(index_t s0) const { return s0 >= all_lo && s0 + kTileN <= all_hi; }
+};
+
+template <bool kCompressed, class Params>
+__device__ __forceinline__ RangeRowKeys range_row_keys(const Params& p, const RangeKeys<kCompressed>& rk, const Pass& ps,
+                                                       const Pass& wps, const int (&tok)[2], const bool (&on)[2]) {
+  RangeRowKeys k;
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) rk.row_keys(p, wps.t0 + tok[ri], on[ri], k.lo[ri], k.hi[ri]);
+  index_t unused;
+  rk.row_keys(p, ps.t0 + ps.p_end - 1, true, k.all_lo, unused);
+  rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, k.all_hi);
+  return k;
+}
+
+// Online softmax of a tile starting at key s0 in s (the sm_80 fwd_tile's arithmetic on kTileN / 8
+// column blocks): s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be
+// rescaled by.
+template <int kTileN>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kTileN / 2], float (&alpha)[2], float (&m_run)[2],
+                                                    float (&l_run)[2], const RangeRowKeys& rows, index_t s0, int tig,
+                                                    float scale_log2) {
+  const bool whole = rows.whole<kTileN>(s0);
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    if (!whole) {
+      const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
+#pragma unroll
+      for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kk = n * 8 + 2 * tig + e;
+          float& x = s[4 * n + 2 * ri + e];
+          x = kk >= klo && kk < khi ? x : -INFINITY;
+        }
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run[ri], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all keys so far masked: no inf - inf
+    alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
+    m_run[ri] = m_new;
+    const float m_scaled = m_use * scale_log2;
+    float rs = 0.f;
+#pragma unroll
+    for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * n + 2 * ri + e];
+        x = exp2f(fmaf(x, scale_log2, -m_scaled));
+        rs += x;
+      }
+    l_run[ri] = l_run[ri] * alpha[ri] + rs;
+  }
+}
+
+template <int kHeadDimV>
+__device__ __forceinline__ void rescale_rows(float (&o_acc)[kHeadDimV / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < kHeadDimV / 8; ++n) {
+    o_acc[n][0] *= alpha[0];
+    o_acc[n][1] *= alpha[0];
+    o_acc[n][2] *= alpha[1];
+    o_acc[n][3] *= alpha[1];
+  }
+}
+
+// acc (+)= A B^T over kDim: A the CTA's kRowsCta query-side rows from a_addr (this warpgroup's 64
+// rows; K-major, column atoms kRowsCta * 128 bytes apart), B a kTileN-key stage tile (K-major,
+// atoms kTileN * 128 apart). S = Q K^T and dP = dO V^T; issued, not committed or waited for.
+template <typename T, int kDim, int kTileN, int kRowsCta>
+__device__ __forceinline__ void wgmma_rows_by_tile(float (&acc)[kTileN / 2], uint32_t a_addr, uint32_t b_addr) {
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+    const uint32_t off_a = (kk / 4) * kRowsCta * 128 + (kk % 4) * 32;
+    const uint32_t off_b = (kk / 4) * kTileN * 128 + (kk % 4) * 32;
+    wgmma::Wgmma<T, kTileN>::ss(acc, wgmma::make_desc(a_addr + off_a, 16, 1024), wgmma::make_desc(b_addr + off_b, 16, 1024),
+                                kk > 0);
+  }
+}
+
+// P of a 64-key tile (fp32 accumulators) as the bf16 / fp16 A fragments of P V: P's k16 slice kk
+// is the C tiles 2kk, 2kk + 1 (keys 16kk .. 16kk + 15).
+template <typename T, int kTileN>
+__device__ __forceinline__ void pack_p_fragments(const float (&p_cur)[kTileN / 2], uint32_t (&pa)[kTileN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kTileN / 16; ++kk) {
+    pa[kk][0] = mma::pack2<T>(p_cur[8 * kk + 0], p_cur[8 * kk + 1]);
+    pa[kk][1] = mma::pack2<T>(p_cur[8 * kk + 2], p_cur[8 * kk + 3]);
+    pa[kk][2] = mma::pack2<T>(p_cur[8 * kk + 4], p_cur[8 * kk + 5]);
+    pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
+  }
+}
+
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups, bool kTma = false>
 __global__ void __launch_bounds__(kWarpGroups * 128, 1)
     range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ tma::KvTileMaps maps) {
@@ -213,88 +328,23 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
 
     int row_tok[2];
     bool row_on[2];
-    index_t row_lo[2], row_hi[2];  // keys [row_lo, row_hi) of the row's token
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int r = gid + ri * 8;
-      row_tok[ri] = r / rm.heads;
-      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
-      rk.row_keys(p, wps.t0 + row_tok[ri], row_on[ri], row_lo[ri], row_hi[ri]);
-    }
-    // Keys every token of the pass attends: [keys_lo_max, keys_hi_min) (both ends monotone in t).
-    index_t keys_lo_max, keys_hi_min, unused;
-    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
-    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    fwd_rows(rm, wps, gid, row_tok, row_on);
+    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, row_tok, row_on);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float o_acc[kHeadDimV / 8][4];
-#pragma unroll
-    for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    zero_acc<kHeadDimV>(o_acc);
     float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
 
     // S = Q K^T of tile it (64 x kTileN per warpgroup), issued and committed, not waited for.
     auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
       const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
       wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t off_q = (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32;  // rows of all warpgroups per atom
-        const uint32_t off_k = (kk / 4) * kTileN * 128 + (kk % 4) * 32;
-        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + off_q, 16, 1024),
-                                    wgmma::make_desc(k_addr + off_k, 16, 1024), kk > 0);
-      }
+      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
       wgmma::commit();
     };
 
-    // Online softmax of tile it in s (the sm_80 fwd_tile's arithmetic on kTileN / 8 column blocks):
-    // s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be rescaled by.
     auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
-      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      // Most tiles lie inside every token's key range: no masks. The test is the same for the
-      // whole CTA (a branch that diverged inside the warpgroup would serialize the wgmmas).
-      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        if (!whole) {
-          const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
-#pragma unroll
-          for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int kk = n * 8 + 2 * tig + e;
-              float& x = s[4 * n + 2 * ri + e];
-              x = kk >= klo && kk < khi ? x : -INFINITY;
-            }
-        }
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[ri], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all keys so far masked: no inf - inf
-        alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
-        m_run[ri] = m_new;
-        const float m_scaled = m_use * scale_log2;
-        float rs = 0.f;
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[4 * n + 2 * ri + e];
-            x = exp2f(fmaf(x, scale_log2, -m_scaled));
-            rs += x;
-          }
-        l_run[ri] = l_run[ri] * alpha[ri] + rs;
-      }
-    };
-    auto rescale_o = [&](const float(&alpha)[2]) {
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n) {
-        o_acc[n][0] *= alpha[0];
-        o_acc[n][1] *= alpha[0];
-        o_acc[n][2] *= alpha[1];
-        o_acc[n][3] *= alpha[1];
-      }
+      online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
     };
 
     // Step it: P of tile it is in p_cur (softmax done, O rescaled). The tensor cores run S of tile
@@ -315,15 +365,8 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
         if (it + 3 < n_steps) load_tile(it + 3);
         mma::cp_async_commit();
       }
-      // P's k16 slice kk is the C tiles 2kk, 2kk + 1 (keys 16kk .. 16kk + 15).
       uint32_t pa[kTileN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk) {
-        pa[kk][0] = mma::pack2<T>(p_cur[8 * kk + 0], p_cur[8 * kk + 1]);
-        pa[kk][1] = mma::pack2<T>(p_cur[8 * kk + 2], p_cur[8 * kk + 3]);
-        pa[kk][2] = mma::pack2<T>(p_cur[8 * kk + 4], p_cur[8 * kk + 5]);
-        pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
-      }
+      pack_p_fragments<T, kTileN>(p_cur, pa);
       issue_s(it + 1, s_nxt);
       const uint32_t v_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes + Cfg::kKBytes;
       wgmma::fence();
@@ -344,7 +387,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
       softmax(it + 1, s_nxt, alpha);
       wgmma::wait<0>();  // P V (it)
       wgmma::fence_operands(o_flat);
-      rescale_o(alpha);
+      rescale_rows<kHeadDimV>(o_acc, alpha);
     };
 
     float s_a[kTileN / 2], s_b[kTileN / 2];
@@ -418,6 +461,76 @@ inline RangeWs range_ws_mode() {
   return e[0] == '0' ? RangeWs::kOff : e[0] == '1' ? RangeWs::kForce : RangeWs::kDefault;
 }
 
+// The producer form's mbarriers, after the ring's stages: per stage a full barrier (the producer's
+// TMA bytes) and an empty one (256 consumer arrivals), then the query rows' full / empty pair.
+// Tile it of a pass is the CTA's tile seq + it, in stage (seq + it) % kStages, whose barriers
+// complete for the ((seq + it) / kStages)-th time.
+template <int kStages>
+struct RangeWsBarriers {
+  uint32_t base;
+  __device__ __forceinline__ explicit RangeWsBarriers(uint32_t base_) : base(base_) {}
+  __device__ __forceinline__ uint32_t full(uint32_t gi) const { return base + (gi % kStages) * 8; }
+  __device__ __forceinline__ uint32_t empty(uint32_t gi) const { return base + (kStages + gi % kStages) * 8; }
+  __device__ __forceinline__ uint32_t rows_full() const { return base + 2 * kStages * 8; }
+  __device__ __forceinline__ uint32_t rows_empty() const { return base + 2 * kStages * 8 + 8; }
+  static constexpr int kBytes = (2 * kStages + 2) * 8;
+  // Thread 0 initialises them; every thread then passes a CTA barrier.
+  __device__ __forceinline__ void init(int tid) const {
+    if (tid == 0) {
+      for (int st = 0; st < kStages; ++st) {
+        tma::mbar_init(full(st), 1);
+        tma::mbar_init(empty(st), 256);
+      }
+      tma::mbar_init(rows_full(), 1);
+      tma::mbar_init(rows_empty(), 256);
+      tma::fence_barrier_init();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ void wait_full(uint32_t gi) const { tma::mbar_wait(full(gi), (gi / kStages) & 1); }
+};
+
+// The producer thread of the forward and dQ: per pass the CTA's query rows (q at q_base, and
+// dout at do_base when kHeadDimDout > 0) on rows_full once the consumers released the previous
+// pass's, then the pass's n_tiles key tiles (rounded up to even when kEvenSteps: the forward's
+// step pairs; the last one is masked) into the ring, each once its stage is empty.
+template <typename Cfg, int kHeadDim, int kHeadDimV, int kHeadDimDout, bool kCompressed, bool kEvenSteps, class Params>
+__device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsMaps& maps,
+                                                 const RangeWsBarriers<Cfg::kStages>& bars, const RowMap& rm,
+                                                 const Group& gr, int cta_tokens, uint32_t q_base, uint32_t do_base,
+                                                 uint32_t stage_addr) {
+  constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  constexpr int kRowBytes = Cfg::kRowsCta * (kHeadDim + kHeadDimDout) * 2;
+  const bool packed = p.cu_seqlens != nullptr;
+  uint32_t seq = 0, pass_i = 0;
+  Pass ps;
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+    const RangeKeys<kCompressed> rk(p, ps);
+    index_t lo, hi;
+    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    const int n_steps = kEvenSteps ? (n_tiles + 1) & ~1 : n_tiles;
+    const int bc = packed ? 0 : ps.b;
+    if (pass_i > 0) tma::mbar_wait(bars.rows_empty(), (pass_i - 1) & 1);
+    tma::mbar_arrive_expect_tx(bars.rows_full(), kRowBytes);
+    const int row0 = static_cast<int>(ps.row_begin + ps.t0);  // the CTA's first token slot
+#pragma unroll
+    for (int c = 0; c < kHeadDim / 64; ++c)
+      tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, bars.rows_full());
+#pragma unroll
+    for (int c = 0; c < kHeadDimDout / 64; ++c)
+      tma::load_4d(do_base + c * Cfg::kRowsCta * 128, &maps.dout, 64 * c, rm.head0, row0, bc, bars.rows_full());
+    for (int it = 0; it < n_steps; ++it) {
+      const uint32_t gi = seq + static_cast<uint32_t>(it);
+      if (gi >= kStages) tma::mbar_wait(bars.empty(gi), (gi / kStages - 1) & 1);
+      tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
+                                                     rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
+                                                     bars.full(gi));
+    }
+    seq += static_cast<uint32_t>(n_steps);
+  }
+}
+
 
 // The forward's producer form (the header above).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
@@ -431,54 +544,19 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t stage_addr = q_base + Cfg::kQBytes;
-  const uint32_t bar_addr = stage_addr + kStages * Cfg::kStageBytes;
-  auto full_bar = [&](uint32_t gi) { return bar_addr + (gi % kStages) * 8; };
-  auto empty_bar = [&](uint32_t gi) { return bar_addr + (kStages + gi % kStages) * 8; };
-  const uint32_t rows_full = bar_addr + 2 * kStages * 8, rows_empty = rows_full + 8;
+  const RangeWsBarriers<kStages> bars(stage_addr + kStages * Cfg::kStageBytes);
 
   const RowMap rm = query_row_map(p);
   const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
   Group gr;
   if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
-  const bool packed = p.cu_seqlens != nullptr;
-  if (tid == 0) {
-    for (int st = 0; st < kStages; ++st) {
-      tma::mbar_init(bar_addr + st * 8, 1);
-      tma::mbar_init(bar_addr + (kStages + st) * 8, 256);
-    }
-    tma::mbar_init(rows_full, 1);
-    tma::mbar_init(rows_empty, 256);
-    tma::fence_barrier_init();
-  }
-  __syncthreads();
+  bars.init(tid);
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid != 0) return;
-    uint32_t seq = 0, pass_i = 0;
-    Pass ps;
-    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
-      const RangeKeys<kCompressed> rk(p, ps);
-      index_t lo, hi;
-      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
-      const int n_steps = (n_tiles + 1) & ~1;  // the consumers' even step count (the last tile masked)
-      const int bc = packed ? 0 : ps.b;
-      if (pass_i > 0) tma::mbar_wait(rows_empty, (pass_i - 1) & 1);
-      tma::mbar_arrive_expect_tx(rows_full, Cfg::kQBytes);
-      const int row0 = static_cast<int>(ps.row_begin + ps.t0);
-#pragma unroll
-      for (int c = 0; c < kHeadDim / 64; ++c)
-        tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, rows_full);
-      for (int it = 0; it < n_steps; ++it) {
-        const uint32_t gi = seq + static_cast<uint32_t>(it);
-        if (gi >= kStages) tma::mbar_wait(empty_bar(gi), (gi / kStages - 1) & 1);
-        tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
-                                                       rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
-                                                       full_bar(gi));
-      }
-      seq += static_cast<uint32_t>(n_steps);
-    }
+    if (tid == 0)
+      range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true>(p, maps, bars, rm, gr, cta_tokens, q_base, 0,
+                                                                        stage_addr);
     return;
   }
 
@@ -500,95 +578,32 @@ __global__ void __launch_bounds__(384, 1)
 
     int row_tok[2];
     bool row_on[2];
-    index_t row_lo[2], row_hi[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int r = gid + ri * 8;
-      row_tok[ri] = r / rm.heads;
-      row_on[ri] = r < P * rm.heads && row_tok[ri] >= wps.p_begin && row_tok[ri] < wps.p_end;
-      rk.row_keys(p, wps.t0 + row_tok[ri], row_on[ri], row_lo[ri], row_hi[ri]);
-    }
-    index_t keys_lo_max, keys_hi_min, unused;
-    rk.row_keys(p, ps.t0 + ps.p_end - 1, true, keys_lo_max, unused);
-    rk.row_keys(p, ps.t0 + ps.p_begin, true, unused, keys_hi_min);
+    fwd_rows(rm, wps, gid, row_tok, row_on);
+    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, row_tok, row_on);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
     float o_acc[kHeadDimV / 8][4];
-#pragma unroll
-    for (int n = 0; n < kHeadDimV / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+    zero_acc<kHeadDimV>(o_acc);
     float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
     auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
 
     auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
       const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
       wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk)
-        wgmma::Wgmma<T, kTileN>::ss(s_acc, wgmma::make_desc(q_addr + (kk / 4) * Cfg::kRowsCta * 128 + (kk % 4) * 32, 16, 1024),
-                                    wgmma::make_desc(k_addr + (kk / 4) * kTileN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
       wgmma::commit();
     };
     auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
-      const index_t s0 = lo + static_cast<index_t>(it) * kTileN;
-      const bool whole = s0 >= keys_lo_max && s0 + kTileN <= keys_hi_min;
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        if (!whole) {
-          const int klo = tile_offset_n<kTileN>(row_lo[ri], s0), khi = tile_offset_n<kTileN>(row_hi[ri], s0);
-#pragma unroll
-          for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int kk = n * 8 + 2 * tig + e;
-              float& x = s[4 * n + 2 * ri + e];
-              x = kk >= klo && kk < khi ? x : -INFINITY;
-            }
-        }
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[ri], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
-        m_run[ri] = m_new;
-        const float m_scaled = m_use * scale_log2;
-        float rs = 0.f;
-#pragma unroll
-        for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[4 * n + 2 * ri + e];
-            x = exp2f(fmaf(x, scale_log2, -m_scaled));
-            rs += x;
-          }
-        l_run[ri] = l_run[ri] * alpha[ri] + rs;
-      }
-    };
-    auto rescale_o = [&](const float(&alpha)[2]) {
-#pragma unroll
-      for (int n = 0; n < kHeadDimV / 8; ++n) {
-        o_acc[n][0] *= alpha[0];
-        o_acc[n][1] *= alpha[0];
-        o_acc[n][2] *= alpha[1];
-        o_acc[n][3] *= alpha[1];
-      }
+      online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
     };
     // As the kernel above without the CTA barrier; the last step's S reads the stage the next
     // tile will use (possibly being refilled for the next pass) and the softmax masks all of it.
     auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
       if (it + 1 < n_steps) {
         const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
-        tma::mbar_wait(full_bar(gi), (gi / kStages) & 1);
+        bars.wait_full(gi);
       }
       uint32_t pa[kTileN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk) {
-        pa[kk][0] = mma::pack2<T>(p_cur[8 * kk + 0], p_cur[8 * kk + 1]);
-        pa[kk][1] = mma::pack2<T>(p_cur[8 * kk + 2], p_cur[8 * kk + 3]);
-        pa[kk][2] = mma::pack2<T>(p_cur[8 * kk + 4], p_cur[8 * kk + 5]);
-        pa[kk][3] = mma::pack2<T>(p_cur[8 * kk + 6], p_cur[8 * kk + 7]);
-      }
+      pack_p_fragments<T, kTileN>(p_cur, pa);
       issue_s(it + 1, s_nxt);
       const uint32_t v_addr = stage_addr + stage_of(it) * Cfg::kStageBytes + Cfg::kKBytes;
       wgmma::fence();
@@ -602,14 +617,14 @@ __global__ void __launch_bounds__(384, 1)
       softmax(it + 1, s_nxt, alpha);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
-      rescale_o(alpha);
-      tma::mbar_arrive(empty_bar(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
+      rescale_rows<kHeadDimV>(o_acc, alpha);
+      tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
     };
 
     float s_a[kTileN / 2], s_b[kTileN / 2];
-    tma::mbar_wait(rows_full, pass_i & 1);
+    tma::mbar_wait(bars.rows_full(), pass_i & 1);
     if (n_steps > 0) {
-      tma::mbar_wait(full_bar(seq), (seq / kStages) & 1);
+      bars.wait_full(seq);
       issue_s(0, s_a);
       wgmma::wait<0>();
       wgmma::fence_operands(s_a);
@@ -621,7 +636,7 @@ __global__ void __launch_bounds__(384, 1)
       step(it + 1, s_b, s_a);
     }
     fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
-    tma::mbar_arrive(rows_empty);
+    tma::mbar_arrive(bars.rows_empty());
     seq += static_cast<uint32_t>(n_steps);
   }
 #endif

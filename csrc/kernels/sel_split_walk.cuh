@@ -25,7 +25,7 @@ constexpr int kSplitMaxTopN = 32;  // block lists of up to 32 entries: one per l
 
 // Whether the split walk can take a call: whole tokens per 16-row warp (G >= 16), lists of up to
 // 32 entries, l' a multiple of the tile.
-inline bool sel_split_fits(const AttnParams& p) {
+__host__ __device__ inline bool sel_split_fits(const AttnParams& p) {
   return p.heads_q / p.heads_kv >= kRows && p.top_n <= kSplitMaxTopN && p.sel_block % kSplitTileKeys == 0;
 }
 

@@ -8,6 +8,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include "sparse_attn.h"
+#include "sel_split_walk.cuh"
 #include "sparse_attn_bwd_kernel.cuh"
 #include "static_switch.h"
 
@@ -23,11 +24,18 @@ size_t sel_group_flags_bytes(const AttnParams& p) {
 
 namespace {
 
-// AttnParams::sel_group_flags: one warp per (4-warp CTA group, KV head) compares each token's
-// list with the previous token's (any order; -1 entries skipped) and flags the group as sharing
-// when at least half of the listed blocks repeat. Random queries give ~3 of 16 (the forced
-// blocks), trained models' neighbours most of them; either width gives the same output, so this
-// only decides speed.
+// AttnParams::sel_group_flags: one warp per (4-warp CTA group, KV head) decides whether the
+// group's tokens share enough blocks for the union walk (flag 1), whose 4-warp CTAs walk the
+// union of the group's lists once for all its tokens. Either choice gives the same output (up to
+// the split walk's summation order), so this only decides speed:
+// - where flag 0 runs the split walk (G >= 16, D <= 192): flag 1 iff the union of the group's
+//   lists holds at most 1.4 lists' worth of blocks. H200, 64k, G = 16: the union walk costs
+//   about its union (15.6 ms at 1.0 list) and the split walk 21.8 ms at any sharing, so they
+//   cross near 1.4. The earlier test (half of each token's blocks repeat the previous token's)
+//   sent queries correlated over 64 tokens (union 1.97 lists) to the union walk: forward 25.7 ms
+//   instead of ~21 (session 14).
+// - otherwise (flag 0 runs 2-warp union CTAs): flag 1 iff at least half of the listed blocks
+//   repeat the previous token's (random queries: ~3 of 16, the forced blocks).
 __global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p) {
   const int group_tokens = sparse_detail::sel_flag_group_tokens(p);
   const int g = blockIdx.y, lane = threadIdx.x;
@@ -38,19 +46,24 @@ __global__ void __launch_bounds__(32) sel_group_flags_kernel(const AttnParams p)
   const int rows = static_cast<int>(min(static_cast<index_t>(group_tokens), n_rows - gr.row0));
   const int* base = p.block_idx + (packed ? 0 : gr.b * p.block_idx_stride.batch) +
                     static_cast<index_t>(g) * p.block_idx_stride.head + gr.row0 * p.block_idx_stride.row;
-  int repeated = 0, listed = 0;
-  for (int r = 1; r < rows; ++r) {
+  const bool vs_split = sparse_detail::sel_split_fits(p) && p.head_dim_qk <= 192;
+  // vs_split: blocks not in any earlier token's list (the union); else: blocks in the previous one's.
+  int counted = 0, listed = 0;
+  for (int r = vs_split ? 0 : 1; r < rows; ++r) {
     const int* cur = base + r * p.block_idx_stride.row;
-    const int* prev = cur - p.block_idx_stride.row;
     for (int i0 = 0; i0 < p.top_n; i0 += 32) {
       const int a = i0 + lane < p.top_n ? __ldg(cur + i0 + lane) : -1;
       bool seen = false;
-      for (int k = 0; k < p.top_n; ++k) seen |= __ldg(prev + k) == a;
-      repeated += __popc(__ballot_sync(0xffffffffu, a >= 0 && seen));
+      for (int r2 = vs_split ? 0 : r - 1; r2 < r; ++r2) {
+        const int* prev = base + r2 * p.block_idx_stride.row;
+        for (int k = 0; k < p.top_n; ++k) seen |= __ldg(prev + k) == a;
+      }
+      counted += __popc(__ballot_sync(0xffffffffu, a >= 0 && (vs_split ? !seen : seen)));
       listed += __popc(__ballot_sync(0xffffffffu, a >= 0));
     }
   }
-  if (lane == 0) p.sel_group_flags[static_cast<index_t>(blockIdx.x) * p.heads_kv + g] = 2 * repeated >= listed ? 1 : 0;
+  const bool share = vs_split ? 5 * counted * rows <= 7 * listed : 2 * counted >= listed;
+  if (lane == 0) p.sel_group_flags[static_cast<index_t>(blockIdx.x) * p.heads_kv + g] = share ? 1 : 0;
 }
 
 
