@@ -195,7 +195,7 @@ def test_nsa_training_step_on_cuda():
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "range_ws", "narrow_dkdv", "one_wg_dkdv", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "narrow_dkdv", "one_wg_dkdv", "sm80"])
 @pytest.mark.parametrize("G", [1, 16])
 def test_range_forward_many_tiles(kernel, G, monkeypatch):
     """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
@@ -203,14 +203,13 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     (5 tiles of 64, 3 of 128 for the wide dK/dV, the last one 55 keys, the first cut into 16
     chunks at G = 16 and 2 at G = 1) and windows of 512 keys; packed and padded. `sm80` forces the
     mma.sync kernels (NSA_DISABLE_WGMMA), `no_tma` the sm_90a kernels' cp.async loads instead of
-    their TMA ones (NSA_DISABLE_TMA), `no_ws` the forward and window dQ with one-thread TMA tiles
-    instead of the producer-thread form (NSA_RANGE_WS=0), `range_ws` the producer form for the
-    compressed dQ too (NSA_RANGE_WS=1), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
+    their TMA ones (NSA_DISABLE_TMA), `no_ws` the forward and dQ with one-thread TMA tiles
+    instead of the producer-thread form (NSA_RANGE_WS=0), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
     wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
     64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
     env = {"sm80": [("NSA_DISABLE_WGMMA", "1")], "narrow_dkdv": [("NSA_DKDV_WIDE", "0")],
            "one_wg_dkdv": [("NSA_DKDV_SM90_WGS", "1")], "no_tma": [("NSA_DISABLE_TMA", "1")],
-           "no_ws": [("NSA_RANGE_WS", "0")], "range_ws": [("NSA_RANGE_WS", "1")]}
+           "no_ws": [("NSA_RANGE_WS", "0")]}
     for name, value in env.get(kernel, []):
         monkeypatch.setenv(name, value)
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)

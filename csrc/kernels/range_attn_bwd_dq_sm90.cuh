@@ -40,24 +40,36 @@ struct RangeDqSm90Config {
 };
 
 // dS = P (dP - delta) of a tile starting at key s0 into s (fp32), P = exp2(S scale_log2 - lse_l2);
-// keys outside a row's range give 0 (a select: masked keys may hold anything).
+// keys outside a row's range give 0 (a select: masked keys may hold anything). The masks run only
+// on tiles that are not whole (a CTA-uniform branch, as the forward's softmax): with them folded
+// into every tile's selects, ptxas kept 64 predicates live per tile and packed them with P2R
+// (ncu, compressed dQ at 64k in the producer form: ~200 extra instructions per tile and warp).
 template <int kTileN>
 __device__ __forceinline__ void make_ds_tile(float (&s_acc)[kTileN / 2], const float (&dp_acc)[kTileN / 2],
                                              const RangeRowKeys& rows, const DqRows& rw, index_t s0, int tig,
                                              float scale_log2) {
-  const bool whole = rows.whole<kTileN>(s0);
 #pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
+  for (int ri = 0; ri < 2; ++ri)
 #pragma unroll
     for (int n = 0; n < kTileN / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int kk = n * 8 + 2 * tig + e;
         float& x = s_acc[4 * n + 2 * ri + e];
-        const float ds = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
-        x = whole || (kk >= klo && kk < khi) ? ds : 0.f;
+        x = exp2f(fmaf(x, scale_log2, -rw.lse_l2[ri])) * (dp_acc[4 * n + 2 * ri + e] - rw.delta[ri]);
       }
+  if (!rows.whole<kTileN>(s0)) {
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
+#pragma unroll
+      for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int kk = n * 8 + 2 * tig + e;
+          float& x = s_acc[4 * n + 2 * ri + e];
+          x = kk >= klo && kk < khi ? x : 0.f;
+        }
+    }
   }
 }
 
@@ -214,8 +226,7 @@ __global__ void __launch_bounds__(256, 1)
 // four-stage ring, each stage with a full and an empty barrier); warpgroups 1 and 2 compute as
 // the kernel above but without the per-step CTA barrier, releasing a stage once their dQ product
 // of it is waited for and the query rows once their epilogue has run (RangeWsMaps and the
-// conditions: range_attn_fwd_sm90.cuh). The default for the window; at 64k the compressed dQ
-// measured 0.82-0.86x of the kernel above (H200), so it runs there only under NSA_RANGE_WS=1.
+// conditions: range_attn_fwd_sm90.cuh).
 template <int kHeadDim, int kHeadDimV>
 struct RangeDqWsConfig {
   using Base = RangeDqSm90Config<kHeadDim, kHeadDimV>;
@@ -339,8 +350,7 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
   if constexpr (kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 && kHeadDim <= 128 && kHeadDimV <= 128) {
     if (wgmma_kernel_usable(range_attn_bwd_dq_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed>)) {
       using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
-      const RangeWs ws = range_ws_mode();
-      if (ws == RangeWs::kForce || (ws == RangeWs::kDefault && !kCompressed)) {
+      if (range_ws_enabled()) {
         RangeWsMaps ws_maps{};
         if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, p.dout, p.dout_stride)) {
           using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;

@@ -428,9 +428,9 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
 // 2 compute as the kernels above but without the per-step CTA barrier, release a stage once
 // their last product reading it is waited for, and the query rows once their epilogue has run.
 // The CTA's rows must be whole (token, head) boxes: G in {1, 2, 4, 8, 16} or a multiple of 16.
-// Measured on the H200 (session 14): forward 1.12-1.24x over the one-thread-TMA kernel, window
-// dQ 1.18-1.27x, but compressed dQ 0.82-0.86x at 64k, so that one keeps the older kernel unless
-// NSA_RANGE_WS=1 forces it (range_ws_mode).
+// Measured on the H200 (session 14, bench/results/2026-11-29_range_ws_ab_NVIDIA_H200.md):
+// forward 1.10-1.26x over the one-thread-TMA kernels, dQ 1.14-1.31x except the compressed dQ at
+// 64k (G = 16 1.01x, G = 4 0.93x).
 struct RangeWsMaps {
   tma::KvTileMaps kv;
   CUtensorMap q, dout;  // boxes of (64, min(G, 16), 128 / min(G, 16), 1)
@@ -452,13 +452,10 @@ bool encode_range_ws_maps(RangeWsMaps& m, const AttnParams& p, const void* dout,
                                                      dout_stride.batch, dout_stride.row, dout_stride.head, hb, 128 / hb));
 }
 
-// NSA_RANGE_WS: unset = the producer form where it measured faster (forward, window dQ); "0" =
-// never; "1" = also the compressed dQ. Read per launch so one process can time both.
-enum class RangeWs { kOff, kDefault, kForce };
-inline RangeWs range_ws_mode() {
+// NSA_RANGE_WS=0 keeps the one-thread-TMA kernels (an A/B switch read per launch).
+inline bool range_ws_enabled() {
   const char* e = std::getenv("NSA_RANGE_WS");
-  if (e == nullptr || e[0] == '\0') return RangeWs::kDefault;
-  return e[0] == '0' ? RangeWs::kOff : e[0] == '1' ? RangeWs::kForce : RangeWs::kDefault;
+  return !(e != nullptr && e[0] == '0');
 }
 
 // The producer form's mbarriers, after the ring's stages: per stage a full barrier (the producer's
@@ -653,7 +650,7 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const index_t grid_y = static_cast<index_t>(p.heads_kv) * chunks;
   if (grid_y > 65535) return Status{2, "too many KV heads x head chunks for one launch"};
   if (items > 0x7fffffff) return Status{2, "too many tokens for one launch"};
-  if (kWarpGroups == 2 && range_ws_mode() != RangeWs::kOff) {
+  if (kWarpGroups == 2 && range_ws_enabled()) {
     RangeWsMaps ws_maps{};
     if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, nullptr, Strides3{})) {
       auto ws_kernel = range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
