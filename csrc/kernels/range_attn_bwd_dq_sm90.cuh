@@ -59,17 +59,7 @@ __device__ __forceinline__ void make_ds_tile(float (&s_acc)[kTileN / 2], const f
       }
   if (!rows.whole<kTileN>(s0)) {
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
-#pragma unroll
-      for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kk = n * 8 + 2 * tig + e;
-          float& x = s_acc[4 * n + 2 * ri + e];
-          x = kk >= klo && kk < khi ? x : 0.f;
-        }
-    }
+    for (int ri = 0; ri < 2; ++ri) mask_row_keys<kTileN>(s_acc, ri, rows, s0, tig, 0.f);
   }
 }
 

@@ -180,6 +180,22 @@ __device__ __forceinline__ RangeRowKeys range_row_keys(const Params& p, const Ra
   return k;
 }
 
+// Row ri's accumulator entries of a tile starting at key s0 whose key lies outside the row's
+// range become `fill` (a select: masked entries may hold anything).
+template <int kTileN>
+__device__ __forceinline__ void mask_row_keys(float (&acc)[kTileN / 2], int ri, const RangeRowKeys& rows, index_t s0,
+                                              int tig, float fill) {
+  const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
+#pragma unroll
+  for (int n = 0; n < kTileN / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int kk = n * 8 + 2 * tig + e;
+      float& x = acc[4 * n + 2 * ri + e];
+      x = kk >= klo && kk < khi ? x : fill;
+    }
+}
+
 // Online softmax of a tile starting at key s0 in s (the sm_80 fwd_tile's arithmetic on kTileN / 8
 // column blocks): s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be
 // rescaled by.
@@ -190,17 +206,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kTileN / 2], floa
   const bool whole = rows.whole<kTileN>(s0);
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
-    if (!whole) {
-      const int klo = tile_offset_n<kTileN>(rows.lo[ri], s0), khi = tile_offset_n<kTileN>(rows.hi[ri], s0);
-#pragma unroll
-      for (int n = 0; n < kTileN / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kk = n * 8 + 2 * tig + e;
-          float& x = s[4 * n + 2 * ri + e];
-          x = kk >= klo && kk < khi ? x : -INFINITY;
-        }
-    }
+    if (!whole) mask_row_keys<kTileN>(s, ri, rows, s0, tig, -INFINITY);
     float mx = -INFINITY;
 #pragma unroll
     for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
