@@ -13,8 +13,6 @@
 // bitwise reproducible.
 #pragma once
 
-#include <cstdlib>
-
 #include "attn_bwd_dq.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -210,13 +208,13 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
-// The dQ kernel in the producer form of the dK/dV tile (attn_bwd_dkdv_sm90_tma.cuh). Three warpgroups: thread 0 of
-// the first issues every load (per pass the CTA's 128 query rows of q and dout, one box of
-// (64 columns, heads, 128 / heads tokens) per 64 columns; per key tile its K / V boxes into a
-// four-stage ring, each stage with a full and an empty barrier); warpgroups 1 and 2 compute as
-// the kernel above but without the per-step CTA barrier, releasing a stage once their dQ product
-// of it is waited for and the query rows once their epilogue has run (RangeWsMaps and the
-// conditions: range_attn_fwd_sm90.cuh).
+// The dQ kernel in the producer form of the dK/dV tile (attn_bwd_dkdv_sm90_tma.cuh), the default
+// (NSA_RANGE_WS=0: the kernel above). Three warpgroups: thread 0 of the first issues every load
+// (per pass the CTA's 128 query rows of q and dout, one box of (64 columns, heads, 128 / heads
+// tokens) per 64 columns; per key tile its K / V boxes into a four-stage ring, each stage with a
+// full and an empty barrier); warpgroups 1 and 2 compute as the kernel above but without the
+// per-step CTA barrier, releasing a stage once their dQ product of it is waited for and the query
+// rows once their epilogue has run (RangeWsMaps and the conditions: range_attn_fwd_sm90.cuh).
 template <int kHeadDim, int kHeadDimV>
 struct RangeDqWsConfig {
   using Base = RangeDqSm90Config<kHeadDim, kHeadDimV>;

@@ -15,8 +15,11 @@
 // instructions per tile), masks only on partial tiles, and the step pipeline below (S of the
 // next tile and P V of this one in flight during the softmax): 1.9x at 64k.
 //
-// Shared memory: Q (128 x Dk) + four stages of K (64 x Dk) and V (64 x Dv), all swizzled,
-// filled by cp.async: 161 KiB at D = 128, one CTA (8 warps) per SM.
+// Shared memory: Q (128 x Dk) + four stages of K (64 x Dk) and V (64 x Dv), all swizzled:
+// 161 KiB at D = 128, one CTA per SM. Three ways to fill it: cp.async by every thread
+// (NSA_DISABLE_TMA=1), TMA boxes issued by thread 0 with a CTA barrier per step (NSA_RANGE_WS=0),
+// and the default producer form further down (a third warpgroup whose thread 0 issues every load,
+// full / empty barriers instead of the CTA barrier).
 #pragma once
 
 #include "range_attn_fwd_kernel.cuh"
