@@ -219,8 +219,8 @@ template <int kHeadDim, int kHeadDimV>
 struct RangeDqWsConfig {
   using Base = RangeDqSm90Config<kHeadDim, kHeadDimV>;
   static constexpr int kThreads = 384;
-  static constexpr int kBarriers = 2 * Base::kStages + 2;  // full, empty per stage; rows full, rows empty
-  static constexpr int kSmemBytes = Base::kQBytes + Base::kOBytes + Base::kStages * Base::kStageBytes + kBarriers * 8 + 1024;
+  static constexpr int kSmemBytes = Base::kQBytes + Base::kOBytes + Base::kStages * Base::kStageBytes +
+                                    RangeWsBarriers<Base::kStages>::kBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
