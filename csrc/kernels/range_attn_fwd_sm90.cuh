@@ -663,8 +663,10 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     RangeWsMaps ws_maps{};
     if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, nullptr, Strides3{})) {
       auto ws_kernel = range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
-      // Cfg's layout with the producer form's barriers in place of the ring's full barriers
-      constexpr int kWsSmem = Cfg::kSmemBytes - Cfg::kStages * 8 + RangeWsBarriers<Cfg::kStages>::kBytes;
+      // Cfg's layout + the producer form's barriers (RangeWsBarriers::kBytes; the ring's full ones
+      // already counted): the size it ran with on the H200.
+      constexpr int kWsSmem = Cfg::kSmemBytes + 4 * Cfg::kStages * 8;
+      static_assert(kWsSmem >= Cfg::kSmemBytes - Cfg::kStages * 8 + RangeWsBarriers<Cfg::kStages>::kBytes);
       cudaError_t e = cudaFuncSetAttribute(ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
       ws_kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
