@@ -61,7 +61,7 @@ __device__ __forceinline__ void dkdv_tile_sm90_tma(const AttnBwdParams& p, const
   if (n_steps <= 0 && partial == nullptr) return;  // uniform: nothing attends these keys
 
   // K, V of the tile | kStages x (q rows, dout rows) | kStages x (lse, delta) | barriers
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem = wgmma::align_smem_1024(smem_raw);
   const float* sStat = reinterpret_cast<const float*>(smem + C::kKBytes + C::kVBytes + kStages * C::kRowsBytes);
   const uint32_t k_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t v_addr = k_addr + C::kKBytes;

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(256, 1)
   using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
   constexpr int kTileN = Cfg::kTileN;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem = wgmma::align_smem_1024(smem_raw);
   unsigned char* sQ = smem;
   unsigned char* sdO = smem + Cfg::kQBytes;
   unsigned char* sStage = sdO + Cfg::kOBytes;
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(384, 1)
   using Cfg = RangeDqSm90Config<kHeadDim, kHeadDimV>;
   constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem = wgmma::align_smem_1024(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t do_base = q_base + Cfg::kQBytes;

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
   constexpr int kTileN = Cfg::kTileN;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem = wgmma::align_smem_1024(smem_raw);
   unsigned char* sQ = smem;
   unsigned char* sStage = smem + Cfg::kQBytes;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -190,17 +190,30 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     auto score_tile = [&](int it, float(&s)[kTileN / 2]) {
       const index_t s0 = static_cast<index_t>(it) * kTileN;
       if (s0 >= nvis_warp) return;
-      const bool whole = s0 + kTileN <= nvis_warp_lo;
+      // Every key of the tile visible to every row of the warp (all but its last tiles): no
+      // per-element mask (a compare and select per score otherwise).
+      if (s0 + kTileN <= nvis_warp_lo) {
 #pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const int vis = whole ? kTileN : tile_offset_n<kTileN>(row_nv[ri], s0);
+        for (int ri = 0; ri < 2; ++ri)
 #pragma unroll
-        for (int nt = 0; nt < kTileN / 8; ++nt)
+          for (int nt = 0; nt < kTileN / 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[4 * nt + 2 * ri + e];
-            x = 8 * nt + 2 * tig + e < vis ? exp2f(fmaf(x, scale_log2, -row_lse[ri])) : 0.f;
-          }
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[4 * nt + 2 * ri + e];
+              x = exp2f(fmaf(x, scale_log2, -row_lse[ri]));
+            }
+      } else {
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) {
+          const int vis = tile_offset_n<kTileN>(row_nv[ri], s0);
+#pragma unroll
+          for (int nt = 0; nt < kTileN / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[4 * nt + 2 * ri + e];
+              x = 8 * nt + 2 * tig + e < vis ? exp2f(fmaf(x, scale_log2, -row_lse[ri])) : 0.f;
+            }
+        }
       }
       switch (G) {
         case 16: select_sum_heads<kTileN, 16>(s, sP, gid, tig); break;

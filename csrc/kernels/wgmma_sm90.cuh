@@ -43,6 +43,16 @@ __host__ __device__ constexpr uint32_t mn_major_offset(int s, int chunk) {
   return static_cast<uint32_t>(((chunk >> 3) + (kDim / 64) * (s >> 3)) * 1024 + (s & 7) * 128 + (((chunk & 7) ^ (s & 7)) << 4));
 }
 
+// The first 1024-byte aligned byte of the dynamic shared memory `smem_raw` (the swizzled tiles
+// need it). Pointer arithmetic on the extern __shared__ array keeps the shared address space for
+// every pointer derived from the result: a round trip through uintptr_t lost it, and ptxas then
+// emitted 64-bit generic loads and stores (LD.E / ST.E) for all the kernel's C++ accesses to
+// shared memory (the block-score and list code of the selection: 156 M of them at 64k).
+__device__ __forceinline__ unsigned char* align_smem_1024(unsigned char* smem_raw) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  return smem_raw + ((1024u - (a & 1023u)) & 1023u);
+}
+
 // Shared-memory matrix descriptor with the 128-byte swizzle. K-major operands: LBO 16 (unused),
 // SBO 1024 (between 8-row groups); advance 32 bytes per k16 step inside a column atom, rows *
 // 128 bytes per atom. MN-major B (mn_major_offset): LBO 1024 (between column atoms), SBO =
