@@ -16,13 +16,20 @@ Status attn_bwd_delta_cuda(const BwdDeltaParams& p, DType dtype, cudaStream_t st
   const index_t warps_needed = (vectors * lanes + 31) / 32;
   const index_t blocks = (warps_needed + kThreads / 32 - 1) / (kThreads / 32);
   const unsigned grid = static_cast<unsigned>(blocks < (index_t(1) << 20) ? blocks : (index_t(1) << 20));  // grid-stride beyond
+  // Both [vectors, dim] contiguous (the usual case: out from the forward, dout from combine_bwd).
+  auto dense = [&](const Strides3& st) {
+    return st.head == p.dim && st.row == static_cast<index_t>(p.heads) * p.dim && (p.batch == 1 || st.batch == p.rows * st.row);
+  };
+  const bool is_dense = dense(p.dout_stride) && dense(p.out_stride);
   return NSA_DTYPE_SWITCH(dtype, T, [&] {
-    if (lanes == 8)
-      delta_detail::attn_bwd_delta_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
-    else if (lanes == 16)
-      delta_detail::attn_bwd_delta_kernel<T, 16><<<grid, kThreads, 0, stream>>>(p);
-    else
-      delta_detail::attn_bwd_delta_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    NSA_BOOL_SWITCH(is_dense, kDense, [&] {
+      if (lanes == 8)
+        delta_detail::attn_bwd_delta_kernel<T, 8, kDense><<<grid, kThreads, 0, stream>>>(p);
+      else if (lanes == 16)
+        delta_detail::attn_bwd_delta_kernel<T, 16, kDense><<<grid, kThreads, 0, stream>>>(p);
+      else
+        delta_detail::attn_bwd_delta_kernel<T, 32, kDense><<<grid, kThreads, 0, stream>>>(p);
+    });
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
   });

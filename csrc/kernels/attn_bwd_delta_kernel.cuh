@@ -24,7 +24,9 @@ __device__ __forceinline__ float elem(const Vec8& v, int i) {
 // kLanes lanes per (token, head) vector (dim / 8 chunks rounded up to a power of two, at most
 // 32), 32 / kLanes vectors per warp; partial sums reduced by a fixed butterfly inside the lane
 // group, so every run produces the same bits.
-template <typename T, int kLanes>
+// kDense: dout and out both contiguous [vectors, dim], a vector's offset is vec * dim (the general
+// path's 64-bit divisions by heads and rows, in every lane, were most of the kernel's instructions).
+template <typename T, int kLanes, bool kDense>
 __global__ void attn_bwd_delta_kernel(const BwdDeltaParams p) {
   constexpr int kVecsPerWarp = 32 / kLanes;
   const int lane = threadIdx.x % 32, sub = lane % kLanes;
@@ -37,10 +39,17 @@ __global__ void attn_bwd_delta_kernel(const BwdDeltaParams p) {
     const bool on = vec < vectors;
     float dot = 0.f;
     if (on) {
-      const index_t h = vec % p.heads, bt = vec / p.heads;
-      const index_t t = bt % p.rows, b = bt / p.rows;
-      const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride.batch + t * p.dout_stride.row + h * p.dout_stride.head;
-      const T* o = static_cast<const T*>(p.out) + b * p.out_stride.batch + t * p.out_stride.row + h * p.out_stride.head;
+      const T* d;
+      const T* o;
+      if constexpr (kDense) {
+        d = static_cast<const T*>(p.dout) + vec * p.dim;
+        o = static_cast<const T*>(p.out) + vec * p.dim;
+      } else {
+        const index_t h = vec % p.heads, bt = vec / p.heads;
+        const index_t t = bt % p.rows, b = bt / p.rows;
+        d = static_cast<const T*>(p.dout) + b * p.dout_stride.batch + t * p.dout_stride.row + h * p.dout_stride.head;
+        o = static_cast<const T*>(p.out) + b * p.out_stride.batch + t * p.out_stride.row + h * p.out_stride.head;
+      }
       for (int c = sub; c < chunks; c += kLanes) {
         Vec8 dv, ov;
         dv.u = reinterpret_cast<const uint4*>(d)[c];
