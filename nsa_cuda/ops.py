@@ -117,7 +117,7 @@ def _cmp_attn_fwd_fake(q, k_cmp, v_cmp, scale, block, stride, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::cmp_attn_bwd")
-def _cmp_attn_bwd_fake(dout, dlse, q, k_cmp, v_cmp, out, lse, scale, block, stride, cu_seqlens):
+def _cmp_attn_bwd_fake(dout, dlse, q, k_cmp, v_cmp, out, lse, scale, block, stride, cu_seqlens, delta=None):
     return _attn_bwd_fake(q, k_cmp, v_cmp)
 
 
@@ -127,7 +127,7 @@ def _sel_attn_fwd_fake(q, k, v, block_idx, scale, sel_block, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::sel_attn_bwd")
-def _sel_attn_bwd_fake(dout, dlse, q, k, v, out, lse, block_idx, scale, sel_block, cu_seqlens):
+def _sel_attn_bwd_fake(dout, dlse, q, k, v, out, lse, block_idx, scale, sel_block, cu_seqlens, delta=None):
     return _attn_bwd_fake(q, k, v)
 
 
@@ -137,7 +137,7 @@ def _win_attn_fwd_fake(q, k, v, scale, window, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::win_attn_bwd")
-def _win_attn_bwd_fake(dout, dlse, q, k, v, out, lse, scale, window, cu_seqlens):
+def _win_attn_bwd_fake(dout, dlse, q, k, v, out, lse, scale, window, cu_seqlens, delta=None):
     return _attn_bwd_fake(q, k, v)
 
 
@@ -153,9 +153,11 @@ def _combine_fwd_fake(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
 
 
 @torch.library.register_fake("nsa_cuda::combine_bwd")
-def _combine_bwd_fake(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win):
+def _combine_bwd_fake(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, dg_fp32=False):
     c = torch.contiguous_format
-    return tuple(torch.empty_like(t, memory_format=c) for t in (o_cmp, o_slc, o_win, g_cmp, g_slc, g_win))
+    dg_dtype = torch.float32 if dg_fp32 else o_cmp.dtype
+    return (*(torch.empty_like(t, memory_format=c) for t in (o_cmp, o_slc, o_win)),
+            *(torch.empty_like(t, memory_format=c, dtype=dg_dtype) for t in (g_cmp, g_slc, g_win)))
 
 
 @torch.library.register_fake("nsa_cuda::decode_fwd")
@@ -240,3 +242,88 @@ def _combine_backward(ctx, do):
 
 
 torch.library.register_autograd("nsa_cuda::combine_fwd", _combine_backward, setup_context=_combine_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The branches, selection and gated sum as one autograd node (what nsa_attention calls). One node
+# lets the backward hand each branch its delta = rowsum(dout_b * o_b) = g_b * rowsum(dout * o_b),
+# which the combine backward already sums in fp32 for the gate gradients: the attention backwards
+# then skip their own pass over dout_b and o_b (1.8 ms at 64k on the H200), and dq's three parts
+# are summed in place. The branch outputs and lse come back as extra outputs so that the backward
+# can use them (they may also be used; their gradients are then added).
+
+
+@torch.library.custom_op("nsa_cuda::nsa_fwd", mutates_args=())
+def nsa_fwd(q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, g_cmp: Tensor, g_slc: Tensor,
+            g_win: Tensor, scale: float, cmp_block: int, cmp_stride: int, sel_block: int, top_n: int,
+            init_blocks: int, local_blocks: int, window: int,
+            cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """DESIGN.md §1.2-§1.7 from compressed keys / values: (o, block_idx, o_cmp, lse_cmp, o_slc,
+    lse_slc, o_win, lse_win)."""
+    o_cmp, lse_cmp = _ops.cmp_attn_fwd(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens)
+    block_idx = _ops.select_blocks(q, k_cmp, lse_cmp, scale, cmp_block, cmp_stride, sel_block, top_n, init_blocks,
+                                   local_blocks, cu_seqlens)
+    o_slc, lse_slc = _ops.sel_attn_fwd(q, k, v, block_idx, scale, sel_block, cu_seqlens)
+    o_win, lse_win = _ops.win_attn_fwd(q, k, v, scale, window, cu_seqlens)
+    o = _ops.combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+    return o, block_idx, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win
+
+
+@nsa_fwd.register_fake
+def _nsa_fwd_fake(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, scale, cmp_block, cmp_stride, sel_block, top_n,
+                  init_blocks, local_blocks, window, cu_seqlens):
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    block_idx = q.new_empty(*q.shape[:-2], k.shape[-2], top_n, dtype=torch.int32)
+    return o, block_idx, *_attn_fwd_fake(q, v), *_attn_fwd_fake(q, v), *_attn_fwd_fake(q, v)
+
+
+def _nsa_fwd_setup(ctx, inputs, output):
+    q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, scale, cmp_block, cmp_stride, sel_block, _, _, _, window, cu = inputs
+    _, block_idx, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win = output
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_idx, o_cmp, lse_cmp, o_slc, lse_slc,
+                          o_win, lse_win, cu)
+    ctx.args = (scale, cmp_block, cmp_stride, sel_block, window)
+    # Outputs nothing used arrive as None, not as materialised zeros (full-size: 1 GB each at 64k,
+    # and a zero gradient on o_b would also cost the branch its precomputed delta).
+    ctx.set_materialize_grads(False)
+
+
+def _nsa_fwd_backward(ctx, do, _d_block_idx, do_cmp, dlse_cmp, do_slc, dlse_slc, do_win, dlse_win):
+    (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_idx, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+     cu) = ctx.saved_tensors
+    scale, cmp_block, cmp_stride, sel_block, window = ctx.args
+    if do is None:
+        do = torch.zeros_like(o_cmp)
+    d_cmp, d_slc, d_win, dg_cmp, dg_slc, dg_win = _ops.combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, True)
+
+    def branch_dout(d_b, g, dg, extra):
+        # delta_b = g_b * rowsum(dout * o_b) in fp32; a gradient reaching o_b directly changes dout_b
+        # and its delta, which the branch then computes itself.
+        if extra is not None:
+            return d_b + extra, None
+        return d_b, g.float() * dg
+
+    # Each branch's dout_b and dq part are dropped as soon as they are used (as the autograd engine
+    # does between separate nodes): the peak holds one dq accumulator, not three.
+    d_cmp, delta_cmp = branch_dout(d_cmp, g_cmp, dg_cmp, do_cmp)
+    dq, dk_cmp, dv_cmp = _ops.cmp_attn_bwd(d_cmp, dlse_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, cmp_block,
+                                           cmp_stride, cu, delta_cmp)
+    del d_cmp, delta_cmp
+    d_slc, delta_slc = branch_dout(d_slc, g_slc, dg_slc, do_slc)
+    dq_part, dk, dv = _ops.sel_attn_bwd(d_slc, dlse_slc, q, k, v, o_slc, lse_slc, block_idx, scale, sel_block, cu,
+                                        delta_slc)
+    del d_slc, delta_slc
+    dq.add_(dq_part)
+    del dq_part
+    d_win, delta_win = branch_dout(d_win, g_win, dg_win, do_win)
+    dq_part, dk_w, dv_w = _ops.win_attn_bwd(d_win, dlse_win, q, k, v, o_win, lse_win, scale, window, cu, delta_win)
+    del d_win, delta_win
+    dq.add_(dq_part)
+    del dq_part
+    dk.add_(dk_w)
+    dv.add_(dv_w)
+    return (dq, dk, dv, dk_cmp, dv_cmp, dg_cmp.to(g_cmp.dtype), dg_slc.to(g_slc.dtype), dg_win.to(g_win.dtype),
+            None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("nsa_cuda::nsa_fwd", _nsa_fwd_backward, setup_context=_nsa_fwd_setup)

@@ -49,3 +49,52 @@ def test_combine_cuda(dtype, Dv, strided):
 def test_combine_cuda_empty():
     os_, gs = inputs((0,), 4, 64, torch.bfloat16)
     assert nsa_cuda.combine(*os_, *gs).shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Dv", [64, 128, 256])
+def test_combine_bwd_dg_fp32_cuda(dtype, Dv):
+    # dg_fp32: the fp32 row sums nsa_fwd's backward uses as the branches' delta; dout_b unchanged.
+    lead, HQ = (2, 77), 6
+    os_, gs = inputs(lead, HQ, Dv, dtype)
+    do = torch.randn_like(os_[0])
+    lo = torch.ops.nsa_cuda.combine_bwd(do, *os_, *gs)
+    hi = torch.ops.nsa_cuda.combine_bwd(do, *os_, *gs, True)
+    for a, b in zip(lo[:3], hi[:3]):
+        assert torch.equal(a, b)
+    for b, (a, x) in enumerate(zip(lo[3:], hi[3:])):
+        assert x.dtype == torch.float32 and a.dtype == dtype
+        exact = (do.double() * os_[b].double()).sum(-1)
+        torch.testing.assert_close(x.double(), exact, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a, x.to(dtype))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nsa_fwd_node_matches_per_step_ops_cuda(packed, monkeypatch):
+    monkeypatch.setattr(nsa_cuda.functional, "ONE_NODE", True)
+    # nsa_attention's one-node path (ops.nsa_fwd: delta from the combine backward) against the
+    # per-step ops, each with its own autograd and delta kernel.
+    torch.manual_seed(7)
+    dt, HQ, H, D = torch.bfloat16, 32, 2, 128
+    lens = [300, 1, 700]
+    T = sum(lens)
+    cu = torch.tensor([0, 300, 301, 1001], dtype=torch.int32, device="cuda") if packed else None
+    shp = (T,) if packed else (1, T)
+    q = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
+    k = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    v = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    gs = [torch.rand(*shp, HQ, device="cuda", dtype=dt) for _ in range(3)]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
+    o, idx = nsa_cuda.nsa_attention(q, k, v, *gs, cu_seqlens=cu, return_block_idx=True)
+    assert o.grad_fn.name().startswith("GeneratedBackwardFor_nsa_cuda_nsa_fwd")
+    kc, vc = nsa_cuda.compress(k, cu_seqlens=cu), nsa_cuda.compress(v, cu_seqlens=cu)
+    o_c, lse_c = nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=cu)
+    idx2 = nsa_cuda.select_blocks(q.detach(), kc.detach(), lse_c.detach(), cu_seqlens=cu)
+    o_s, _ = nsa_cuda.selected_attention(q, k, v, idx2, cu_seqlens=cu)
+    o_w, _ = nsa_cuda.window_attention(q, k, v, cu_seqlens=cu)
+    o2 = nsa_cuda.combine(o_c, o_s, o_w, *gs)
+    assert torch.equal(idx, idx2) and torch.equal(o, o2)
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, leaves, do), torch.autograd.grad(o2, leaves, do)):
+        scale = b.float().abs().max().item() + 1e-6
+        assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale, (a - b).abs().max()

@@ -256,16 +256,141 @@ def _opcheck_cases():
         "compress_fwd": [(k, w, pe, 16, 8, None), (kp, None, None, 16, 8, cu)],
         "compress_bwd": [(torch.randn(1, 5, 2, 8), k, w, pe, 16, 8, None)],
         "cmp_attn_fwd": [(q, kc, kc, 0.3, 16, 8, None)],
-        "cmp_attn_bwd": [(do, None, q, kc, kc, f(o_c), f(lse_c), 0.3, 16, 8, None)],
+        "cmp_attn_bwd": [(do, None, q, kc, kc, f(o_c), f(lse_c), 0.3, 16, 8, None),
+                         (do, None, q, kc, kc, f(o_c), f(lse_c), 0.3, 16, 8, None, (do * f(o_c)).sum(-1))],
         "select_blocks": [(q, kc, f(lse_c), 0.3, 16, 8, 16, 2, 1, 1, None)],
         "sel_attn_fwd": [(q, k, v, idx, 0.3, 16, None)],
         "sel_attn_bwd": [(do, torch.randn(1, 48, 4), q, k, v, f(o_s), f(lse_s), idx, 0.3, 16, None)],
         "win_attn_fwd": [(q, k, v, 0.3, 8, None), (qp, kp, vp, 0.3, 8, cu)],
-        "win_attn_bwd": [(do, None, q, k, v, f(o_w), f(lse_w), 0.3, 8, None)],
+        "win_attn_bwd": [(do, None, q, k, v, f(o_w), f(lse_w), 0.3, 8, None),
+                         (do, torch.randn(1, 48, 4), q, k, v, f(o_w), f(lse_w), 0.3, 8, None, (do * f(o_w)).sum(-1))],
         "combine_fwd": [(f(o_c), f(o_s), f(o_w), *g)],
-        "combine_bwd": [(do, f(o_c), f(o_s), f(o_w), *g)],
+        "combine_bwd": [(do, f(o_c), f(o_s), f(o_w), *g), (do, f(o_c), f(o_s), f(o_w), *g, True)],
+        "nsa_fwd": [(q, k, v, kc, kc, *g, 0.3, 16, 8, 16, 2, 1, 1, 8, None)],
         "decode_fwd": [(qd, kcache, kcache, kcc, kcc, seq, *gd, 0.3, 16, 8, 16, 2, 1, 1, 8)],
     }
+
+
+def test_bwd_given_delta_matches_computed():
+    # delta = rowsum(dout * out) handed in (nsa_fwd's backward does) gives the same gradients as
+    # the op computing it; dlse is still subtracted; a wrong delta changes dq and dk, not dv.
+    torch.manual_seed(3)
+    q, k, v = qkv((1, 40), 4, 2, 8, 8, torch.float32)
+    do = torch.randn_like(q)
+    dlse = torch.randn(1, 40, 4)
+    o, lse = ops.win_attn_fwd(q, k, v, 0.3, 8, None)
+    delta = (do * o).sum(-1)
+    for dl in (None, dlse):
+        ref = ops.win_attn_bwd(do, dl, q, k, v, o, lse, 0.3, 8, None)
+        got = ops.win_attn_bwd(do, dl, q, k, v, o, lse, 0.3, 8, None, delta)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    off = ops.win_attn_bwd(do, None, q, k, v, o, lse, 0.3, 8, None, delta + 1.0)
+    assert (off[0] - ref[0]).abs().max() > 1e-3 and (off[1] - ref[1]).abs().max() > 1e-3
+    torch.testing.assert_close(off[2], ops.win_attn_bwd(do, None, q, k, v, o, lse, 0.3, 8, None)[2])
+    with pytest.raises(ValueError, match="delta"):
+        ops.win_attn_bwd(do, None, q, k, v, o, lse, 0.3, 8, None, delta[:, :-1])
+
+
+def test_combine_bwd_dg_fp32():
+    torch.manual_seed(4)
+    ts = [torch.randn(1, 6, 2, 8, dtype=torch.bfloat16) for _ in range(4)]
+    gs = [torch.rand(1, 6, 2, dtype=torch.bfloat16) for _ in range(3)]
+    lo = ops.combine_bwd(*ts, *gs)
+    hi = ops.combine_bwd(*ts, *gs, True)
+    for a, b in zip(lo[:3], hi[:3]):
+        assert torch.equal(a, b)
+    for b, (a, x) in enumerate(zip(lo[3:], hi[3:])):
+        assert x.dtype == torch.float32 and a.dtype == torch.bfloat16
+        exact = (ts[0].double() * ts[1 + b].double()).sum(-1)
+        torch.testing.assert_close(x.double(), exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, x.to(torch.bfloat16))
+
+
+@pytest.fixture
+def one_node(monkeypatch):
+    monkeypatch.setattr(nsa_cuda.functional, "ONE_NODE", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nsa_fwd_node_matches_per_step_ops(dtype, one_node):
+    # nsa_attention's one-node path (ops.nsa_fwd) against the per-step ops and their own autograd.
+    torch.manual_seed(5)
+    q, k, v = qkv((1, 90), 8, 2, 16, 16, dtype)
+    gs = [torch.rand(1, 90, 8, dtype=dtype) for _ in range(3)]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
+    kw = dict(cmp_block=16, cmp_stride=8, sel_block=16, top_n=3, window=24)
+    o, idx = nsa_cuda.nsa_attention(q, k, v, *gs, return_block_idx=True, **kw)
+    assert o.grad_fn.name().startswith("GeneratedBackwardFor_nsa_cuda_nsa_fwd")
+    kc, vc = nsa_cuda.compress(k, block=16, stride=8), nsa_cuda.compress(v, block=16, stride=8)
+    o_c, lse_c = nsa_cuda.compressed_attention(q, kc, vc, block=16, stride=8)
+    idx2 = nsa_cuda.select_blocks(q.detach(), kc.detach(), lse_c.detach(), cmp_block=16, cmp_stride=8, sel_block=16,
+                                  top_n=3)
+    o_s, _ = nsa_cuda.selected_attention(q, k, v, idx2, sel_block=16)
+    o_w, _ = nsa_cuda.window_attention(q, k, v, window=24)
+    o2 = nsa_cuda.combine(o_c, o_s, o_w, *gs)
+    assert torch.equal(idx, idx2) and torch.equal(o, o2)
+    do = torch.randn_like(o)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(torch.autograd.grad(o, leaves, do), torch.autograd.grad(o2, leaves, do)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_nsa_fwd_backward_hands_delta_to_every_branch(one_node):
+    # The point of the one node: with only o used, each branch backward gets its delta (no zero
+    # gradients materialised for the unused outputs, which would also cost the delta).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name()
+            if name.startswith("nsa_cuda::") and name.endswith("_attn_bwd"):
+                calls[name] = args[-1] if len(args) >= 12 or name.startswith("nsa_cuda::win") else None
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(8)
+    q, k, v = qkv((1, 64), 4, 2, 8, 8, torch.bfloat16)
+    gs = [torch.rand(1, 64, 4, dtype=torch.bfloat16) for _ in range(3)]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
+    o = nsa_cuda.nsa_attention(q, k, v, *gs, cmp_block=16, cmp_stride=8, sel_block=16, top_n=2, window=8)
+    with Record():
+        torch.autograd.grad(o, leaves, torch.randn_like(o))
+    assert set(calls) == {"nsa_cuda::cmp_attn_bwd", "nsa_cuda::sel_attn_bwd", "nsa_cuda::win_attn_bwd"}, calls
+    for name, delta in calls.items():
+        assert isinstance(delta, torch.Tensor) and delta.dtype == torch.float32 and delta.shape == (1, 64, 4), name
+
+
+def test_nsa_fwd_node_compiles_fullgraph(one_node):
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    q, k, v = qkv((1, 64), 4, 2, 8, 8, torch.float32)
+    gs = [torch.rand(1, 64, 4) for _ in range(3)]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
+    fn = lambda *a: nsa_cuda.nsa_attention(*a, cmp_block=16, cmp_stride=8, sel_block=16, top_n=2, window=8)  # noqa: E731
+    eager = fn(*leaves)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    torch.testing.assert_close(compiled, eager)
+    do = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(compiled, leaves, do), torch.autograd.grad(eager, leaves, do)):
+        torch.testing.assert_close(a, b)
+
+
+def test_nsa_fwd_extra_outputs_get_gradients():
+    # The branch outputs nsa_fwd also returns are differentiable: gradients reaching them add to
+    # the combine's (the branch then computes its own delta).
+    torch.manual_seed(6)
+    q, k, v = qkv((1, 40), 4, 2, 8, 8, torch.float64)
+    kc = R.compress(k, block=16, stride=8)
+    gs = [torch.rand(1, 40, 4, dtype=torch.float64) for _ in range(3)]
+    args = [t.requires_grad_(True) for t in (q, k, v, kc, kc.clone(), *gs)]
+
+    def f(*a):
+        o, _, o_c, _, o_s, _, o_w, _ = ops.nsa_fwd(*a, 0.3, 16, 8, 16, 2, 1, 1, 8, None)
+        return o.sum() + (o_c * o_s).sum() + o_w.pow(2).sum()  # (lse is fp32: too coarse for gradcheck)
+
+    assert torch.autograd.gradcheck(f, tuple(args))
 
 
 @pytest.mark.parametrize("name", sorted(_opcheck_cases()))

@@ -18,6 +18,7 @@ struct CombineParams {
   void* out = nullptr;                              // forward: o [vectors, dim]
   void* d_o[3] = {nullptr, nullptr, nullptr};       // backward: gate * dout
   void* d_g[3] = {nullptr, nullptr, nullptr};       // backward: sum_d dout * o_branch [vectors]
+  bool dg_fp32 = false;                             // d_g as float (else the element type)
   index_t vectors = 0;
   int dim = 0;  // multiple of 8
 };

@@ -93,7 +93,10 @@ __global__ void combine_bwd_kernel(const CombineParams p) {
       for (int off = kLanes / 2; off > 0; off >>= 1) dot[b] += __shfl_xor_sync(0xffffffffu, dot[b], off);
     if (on && sub == 0)
 #pragma unroll
-      for (int b = 0; b < 3; ++b) static_cast<T*>(p.d_g[b])[vec] = from_f<T>(dot[b]);
+      for (int b = 0; b < 3; ++b) {
+        if (p.dg_fp32) static_cast<float*>(p.d_g[b])[vec] = dot[b];
+        else static_cast<T*>(p.d_g[b])[vec] = from_f<T>(dot[b]);
+      }
   }
 }
 

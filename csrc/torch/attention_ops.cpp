@@ -254,13 +254,15 @@ AttnArgs prepare_attn_bwd(const char* op, nsa::AttnMode mode, const Tensor& dout
                           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           const char* kname, const char* vname, double scale, int64_t block, int64_t stride,
                           int64_t sel_block, int64_t window, const Tensor* block_idx,
-                          const c10::optional<Tensor>& cu_seqlens, bool check_values) {
+                          const c10::optional<Tensor>& cu_seqlens, bool check_values,
+                          const c10::optional<Tensor>& delta) {
   AttnArgs a = prepare_attn(op, mode, q, k, v, kname, vname, scale, block, stride, sel_block, window, block_idx,
                             cu_seqlens, check_values);
   check_like(dout, q, a.o_shape, op, "dout", "q");
   check_like(out, q, a.o_shape, op, "out", "q");
   check_lse(lse, a.lse_shape, q.device(), op, "lse");
   if (dlse.has_value()) check_lse(*dlse, a.lse_shape, q.device(), op, "dlse");
+  if (delta.has_value()) check_lse(*delta, a.lse_shape, q.device(), op, "delta");
   return a;
 }
 
@@ -287,11 +289,12 @@ std::tuple<Tensor, Tensor> attn_fwd_cpu(AttnArgs a, const Tensor& q, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(AttnArgs a, const Tensor& dout, const c10::optional<Tensor>& dlse,
                                                 const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                                                const Tensor& lse) {
+                                                const Tensor& lse, const c10::optional<Tensor>& delta) {
   const auto ct = cpu_compute_type(q.scalar_type());
   const Tensor qc = to_compute(q, ct), kc = to_compute(k, ct), vc = to_compute(v, ct), oc = to_compute(out, ct), doc = to_compute(dout, ct);
   const Tensor lsec = lse.contiguous();
   const Tensor dlsec = dlse.has_value() ? dlse->contiguous() : Tensor();
+  const Tensor deltac = delta.has_value() ? delta->contiguous() : Tensor();  // layout of lsec
   nsa::AttnBwdParams p;
   static_cast<nsa::AttnParams&>(p) = a.params;
   p.q = qc.data_ptr();
@@ -306,6 +309,7 @@ std::tuple<Tensor, Tensor, Tensor> attn_bwd_cpu(AttnArgs a, const Tensor& dout, 
   p.dout = doc.data_ptr();
   p.dout_stride = strides3(doc);
   p.dlse = dlse.has_value() ? dlsec.data_ptr<float>() : nullptr;
+  p.delta = delta.has_value() ? deltac.data_ptr<float>() : nullptr;
   const auto contig = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(qc.sizes(), qc.options().memory_format(contig));
   Tensor dk = at::empty(kc.sizes(), kc.options().memory_format(contig));
@@ -334,11 +338,12 @@ std::tuple<Tensor, Tensor> cmp_attn_fwd_cpu(const Tensor& q, const Tensor& k_cmp
 std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cpu(const Tensor& dout_in, const c10::optional<Tensor>& dlse,
                                                     const Tensor& q, const Tensor& k_cmp, const Tensor& v_cmp,
                                                     const Tensor& out, const Tensor& lse, double scale, int64_t block,
-                                                    int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
+                                                    int64_t stride, const c10::optional<Tensor>& cu_seqlens,
+                                                    const c10::optional<Tensor>& delta) {
   const Tensor dout = last_dim_contiguous(dout_in);
   auto a = prepare_attn_bwd(kCmpBwd, nsa::AttnMode::kCompressed, dout, dlse, q, k_cmp, v_cmp, out, lse, "k_cmp", "v_cmp",
-                            scale, block, stride, 0, 0, nullptr, cu_seqlens, true);
-  return attn_bwd_cpu(std::move(a), dout, dlse, q, k_cmp, v_cmp, out, lse);
+                            scale, block, stride, 0, 0, nullptr, cu_seqlens, true, delta);
+  return attn_bwd_cpu(std::move(a), dout, dlse, q, k_cmp, v_cmp, out, lse, delta);
 }
 
 // ---- selected attention
@@ -353,11 +358,12 @@ std::tuple<Tensor, Tensor> sel_attn_fwd_cpu(const Tensor& q, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> sel_attn_bwd_cpu(const Tensor& dout_in, const c10::optional<Tensor>& dlse,
                                                     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                                     const Tensor& lse, const Tensor& block_idx, double scale,
-                                                    int64_t sel_block, const c10::optional<Tensor>& cu_seqlens) {
+                                                    int64_t sel_block, const c10::optional<Tensor>& cu_seqlens,
+                                                    const c10::optional<Tensor>& delta) {
   const Tensor dout = last_dim_contiguous(dout_in);
   auto a = prepare_attn_bwd(kSelBwd, nsa::AttnMode::kSelected, dout, dlse, q, k, v, out, lse, "k", "v", scale, 0, 0,
-                            sel_block, 0, &block_idx, cu_seqlens, true);
-  return attn_bwd_cpu(std::move(a), dout, dlse, q, k, v, out, lse);
+                            sel_block, 0, &block_idx, cu_seqlens, true, delta);
+  return attn_bwd_cpu(std::move(a), dout, dlse, q, k, v, out, lse, delta);
 }
 
 // ---- sliding window
@@ -372,11 +378,12 @@ std::tuple<Tensor, Tensor> win_attn_fwd_cpu(const Tensor& q, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> win_attn_bwd_cpu(const Tensor& dout_in, const c10::optional<Tensor>& dlse,
                                                     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                                     const Tensor& lse, double scale, int64_t window,
-                                                    const c10::optional<Tensor>& cu_seqlens) {
+                                                    const c10::optional<Tensor>& cu_seqlens,
+                                                    const c10::optional<Tensor>& delta) {
   const Tensor dout = last_dim_contiguous(dout_in);
   auto a = prepare_attn_bwd(kWinBwd, nsa::AttnMode::kWindow, dout, dlse, q, k, v, out, lse, "k", "v", scale, 0, 0, 0,
-                            window, nullptr, cu_seqlens, true);
-  return attn_bwd_cpu(std::move(a), dout, dlse, q, k, v, out, lse);
+                            window, nullptr, cu_seqlens, true, delta);
+  return attn_bwd_cpu(std::move(a), dout, dlse, q, k, v, out, lse, delta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -529,17 +536,18 @@ Tensor combine_fwd(const Tensor& o_cmp, const Tensor& o_slc, const Tensor& o_win
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> combine_bwd(const Tensor& dout, const Tensor& o_cmp,
                                                                        const Tensor& o_slc, const Tensor& o_win,
                                                                        const Tensor& g_cmp, const Tensor& g_slc,
-                                                                       const Tensor& g_win) {
+                                                                       const Tensor& g_win, bool dg_fp32) {
   prepare_combine(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, &dout, kCombineBwd);
 #ifdef NSA_WITH_CUDA
   if (combine_cuda_applies(o_cmp))
-    return combine_bwd_cuda(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, kCombineBwd);
+    return combine_bwd_cuda(dout, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, dg_fp32, kCombineBwd);
 #endif
   const auto ct = cpu_compute_type(o_cmp.scalar_type());
   const auto st = o_cmp.scalar_type();
   const Tensor d = to_compute(dout, ct);
   auto branch = [&](const Tensor& o, const Tensor& g) {
-    return std::make_pair(g.to(ct).unsqueeze(-1).mul(d).to(st).contiguous(), d.mul(o.to(ct)).sum(-1).to(st).contiguous());
+    return std::make_pair(g.to(ct).unsqueeze(-1).mul(d).to(st).contiguous(),
+                          d.mul(o.to(ct)).sum(-1).to(dg_fp32 ? at::kFloat : st).contiguous());
   };
   auto [do_cmp, dg_cmp] = branch(o_cmp, g_cmp);
   auto [do_slc, dg_slc] = branch(o_slc, g_slc);
@@ -690,7 +698,12 @@ Tensor decode_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
 // delta = rowsum(dout * out) in fp32, minus dlse: the backward's per-row constant, one
 // memory-bound kernel over dout and out (no fp32 temporaries, also at 1M tokens). dout and out
 // come through aligned16 (16-byte rows), shaped like o.
-Tensor backward_delta(const Tensor& dout, const Tensor& out, const c10::optional<Tensor>& dlse) {
+Tensor backward_delta(const Tensor& dout, const Tensor& out, const c10::optional<Tensor>& dlse,
+                      const c10::optional<Tensor>& given = c10::nullopt) {
+  if (given.has_value()) {  // precomputed rowsum (validated by prepare_attn_bwd): contiguous fp32 minus dlse
+    const Tensor d = given->contiguous();
+    return dlse.has_value() ? d.sub(*dlse).contiguous() : d;
+  }
   std::vector<int64_t> shape(out.sizes().begin(), out.sizes().end() - 1);
   Tensor delta = at::empty(shape, out.options().dtype(at::kFloat));
   const Tensor dlse_c = dlse.has_value() ? dlse->contiguous() : Tensor();
@@ -732,17 +745,18 @@ std::tuple<Tensor, Tensor> cmp_attn_fwd_cuda(const Tensor& q_in, const Tensor& k
 std::tuple<Tensor, Tensor, Tensor> cmp_attn_bwd_cuda(const Tensor& dout_in, const c10::optional<Tensor>& dlse,
                                                      const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                      const Tensor& out_in, const Tensor& lse, double scale, int64_t block,
-                                                     int64_t stride, const c10::optional<Tensor>& cu_seqlens) {
+                                                     int64_t stride, const c10::optional<Tensor>& cu_seqlens,
+                                                     const c10::optional<Tensor>& delta_in) {
   const Tensor dout_c = last_dim_contiguous(dout_in);
   prepare_attn_bwd(kCmpBwd, nsa::AttnMode::kCompressed, dout_c, dlse, q_in, k_in, v_in, out_in, lse, "k_cmp", "v_cmp",
-                   scale, block, stride, 0, 0, nullptr, cu_seqlens, false);
+                   scale, block, stride, 0, 0, nullptr, cu_seqlens, false, delta_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
   AttnArgs a = prepare_attn(kCmpBwd, nsa::AttnMode::kCompressed, q, k, v, "k_cmp", "v_cmp", scale, block, stride, 0, 0,
                             nullptr, cu_seqlens, false);
   const Tensor lse_c = lse.contiguous();
-  const Tensor delta = backward_delta(dout, out, dlse);
+  const Tensor delta = backward_delta(dout, out, dlse, delta_in);
   const auto c = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
   Tensor dk = at::zeros(k.sizes(), k.options().memory_format(c));  // gap rows stay zero
@@ -827,10 +841,11 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
                                                    const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
                                                    const Tensor& lse, const Tensor* block_idx, double scale,
                                                    int64_t sel_block, int64_t window,
-                                                   const c10::optional<Tensor>& cu_seqlens) {
+                                                   const c10::optional<Tensor>& cu_seqlens,
+                                                   const c10::optional<Tensor>& delta_in) {
   const Tensor dout_c = last_dim_contiguous(dout_in);
   prepare_attn_bwd(op, mode, dout_c, dlse, q_in, k_in, v_in, out_in, lse, "k", "v", scale, 0, 0, sel_block, window,
-                   block_idx, cu_seqlens, false);
+                   block_idx, cu_seqlens, false, delta_in);
   TORCH_CHECK_VALUE(mode != nsa::AttnMode::kSelected || sel_block % 32 == 0, op,
                     ": on CUDA 'sel_block' must be a multiple of 32, got ", sel_block);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -838,7 +853,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_bwd_cuda(const char* op, nsa::AttnMode
   const Tensor out = aligned16(out_in), dout = aligned16(dout_c);
   AttnArgs a = prepare_attn(op, mode, q, k, v, "k", "v", scale, 0, 0, sel_block, window, block_idx, cu_seqlens, false);
   const Tensor lse_c = lse.contiguous();
-  const Tensor delta = backward_delta(dout, out, dlse);
+  const Tensor delta = backward_delta(dout, out, dlse, delta_in);
   const auto c = at::MemoryFormat::Contiguous;
   Tensor dq = at::empty(q.sizes(), q.options().memory_format(c));
   // keys of no sequence, and blocks no token selected, are not written by the kernels: zeros
@@ -872,9 +887,10 @@ std::tuple<Tensor, Tensor, Tensor> sel_attn_bwd_cuda(const Tensor& dout, const c
                                                      const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& out, const Tensor& lse, const Tensor& block_idx,
                                                      double scale, int64_t sel_block,
-                                                     const c10::optional<Tensor>& cu_seqlens) {
+                                                     const c10::optional<Tensor>& cu_seqlens,
+                                                     const c10::optional<Tensor>& delta) {
   return sparse_bwd_cuda(kSelBwd, nsa::AttnMode::kSelected, dout, dlse, q, k, v, out, lse, &block_idx, scale,
-                         sel_block, 0, cu_seqlens);
+                         sel_block, 0, cu_seqlens, delta);
 }
 
 std::tuple<Tensor, Tensor> win_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
@@ -885,9 +901,10 @@ std::tuple<Tensor, Tensor> win_attn_fwd_cuda(const Tensor& q, const Tensor& k, c
 std::tuple<Tensor, Tensor, Tensor> win_attn_bwd_cuda(const Tensor& dout, const c10::optional<Tensor>& dlse,
                                                      const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& out, const Tensor& lse, double scale, int64_t window,
-                                                     const c10::optional<Tensor>& cu_seqlens) {
+                                                     const c10::optional<Tensor>& cu_seqlens,
+                                                     const c10::optional<Tensor>& delta) {
   return sparse_bwd_cuda(kWinBwd, nsa::AttnMode::kWindow, dout, dlse, q, k, v, out, lse, nullptr, scale, 0, window,
-                         cu_seqlens);
+                         cu_seqlens, delta);
 }
 
 Tensor decode_fwd_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_cmp_cache,

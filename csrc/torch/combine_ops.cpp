@@ -47,17 +47,18 @@ at::Tensor combine_fwd_cuda(const at::Tensor& o_cmp, const at::Tensor& o_slc, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> combine_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& o_cmp, const at::Tensor& o_slc, const at::Tensor& o_win,
-    const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_win, const char* op) {
+    const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_win, bool dg_fp32, const char* op) {
   const c10::cuda::CUDAGuard guard(o_cmp.device());
   const at::Tensor o[3] = {o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous()};
   const at::Tensor g[3] = {g_cmp.contiguous(), g_slc.contiguous(), g_win.contiguous()};
   const at::Tensor d = dout.contiguous();
   nsa::CombineParams p = params_of(o, g);
   p.dout = d.data_ptr();
+  p.dg_fp32 = dg_fp32;
   at::Tensor d_o[3], d_g[3];
   for (int b = 0; b < 3; ++b) {
     d_o[b] = at::empty(o_cmp.sizes(), o[0].options());
-    d_g[b] = at::empty(g_cmp.sizes(), o[0].options());
+    d_g[b] = at::empty(g_cmp.sizes(), dg_fp32 ? o[0].options().dtype(at::kFloat) : o[0].options());
     p.d_o[b] = d_o[b].data_ptr();
     p.d_g[b] = d_g[b].data_ptr();
   }

@@ -14,7 +14,7 @@ at::Tensor combine_fwd_cuda(const at::Tensor& o_cmp, const at::Tensor& o_slc, co
                             const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_win, const char* op);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> combine_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& o_cmp, const at::Tensor& o_slc, const at::Tensor& o_win,
-    const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_win, const char* op);
+    const at::Tensor& g_cmp, const at::Tensor& g_slc, const at::Tensor& g_win, bool dg_fp32, const char* op);
 #endif
 
 }  // namespace nsa_torch

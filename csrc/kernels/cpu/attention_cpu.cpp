@@ -352,8 +352,10 @@ void attn_bwd(const AttnBwdParams& p) {
           const double lse = lb[t * p.lse_row_stride + h];
           if (lse != -kInf && count_keys(keys) > 0) {
             const T* dorow = dob + t * p.dout_stride.row + h * p.dout_stride.head;
-            const double Dt = dot(dorow, ob + t * p.o_stride.row + h * p.o_stride.head, Dv) -
-                              (dlb ? static_cast<double>(dlb[t * p.lse_row_stride + h]) : 0.0);
+            // delta = rowsum(dout * out), given (p.delta, layout of lse) or computed here.
+            const double rs = p.delta ? static_cast<double>(p.delta[lse_off + t * p.lse_row_stride + h])
+                                      : dot(dorow, ob + t * p.o_stride.row + h * p.o_stride.head, Dv);
+            const double Dt = rs - (dlb ? static_cast<double>(dlb[t * p.lse_row_stride + h]) : 0.0);
             attend_row_bwd(qb + t * p.q_stride.row + h * p.q_stride.head, kb + kvh * p.k_stride.head, p.k_stride.row,
                            vb + kvh * p.v_stride.head, p.v_stride.row, Dk, Dv, scale, keys, lse, dorow, Dt,
                            dqr.data(), dkb + kvh * Dk, static_cast<index_t>(H) * Dk, dvb + kvh * Dv,
