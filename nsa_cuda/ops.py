@@ -245,7 +245,7 @@ torch.library.register_autograd("nsa_cuda::combine_fwd", _combine_backward, setu
 
 
 # ---------------------------------------------------------------------------------------------
-# The branches, selection and gated sum as one autograd node (what nsa_attention calls). One node
+# The branches, selection and gated sum as one autograd node (nsa_attention with NSA_ONE_NODE=1). One node
 # lets the backward hand each branch its delta = rowsum(dout_b * o_b) = g_b * rowsum(dout * o_b),
 # which the combine backward already sums in fp32 for the gate gradients: the attention backwards
 # then skip their own pass over dout_b and o_b (1.8 ms at 64k on the H200), and dq's three parts
