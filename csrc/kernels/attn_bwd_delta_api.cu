@@ -11,7 +11,7 @@ Status attn_bwd_delta_cuda(const BwdDeltaParams& p, DType dtype, cudaStream_t st
   const index_t vectors = p.batch * p.rows * p.heads;
   if (vectors == 0) return Status{};
   const int chunks = p.dim / 8;
-  const int lanes = chunks <= 8 ? 8 : chunks <= 16 ? 16 : 32;
+  const int lanes = nsa_vec_lanes(chunks);
   constexpr int kThreads = 256;
   const index_t warps_needed = (vectors * lanes + 31) / 32;
   const index_t blocks = (warps_needed + kThreads / 32 - 1) / (kThreads / 32);
@@ -23,12 +23,9 @@ Status attn_bwd_delta_cuda(const BwdDeltaParams& p, DType dtype, cudaStream_t st
   const bool is_dense = dense(p.dout_stride) && dense(p.out_stride);
   return NSA_DTYPE_SWITCH(dtype, T, [&] {
     NSA_BOOL_SWITCH(is_dense, kDense, [&] {
-      if (lanes == 8)
-        delta_detail::attn_bwd_delta_kernel<T, 8, kDense><<<grid, kThreads, 0, stream>>>(p);
-      else if (lanes == 16)
-        delta_detail::attn_bwd_delta_kernel<T, 16, kDense><<<grid, kThreads, 0, stream>>>(p);
-      else
-        delta_detail::attn_bwd_delta_kernel<T, 32, kDense><<<grid, kThreads, 0, stream>>>(p);
+      NSA_LANES_SWITCH(lanes, kLanes, [&] {
+        delta_detail::attn_bwd_delta_kernel<T, kLanes, kDense><<<grid, kThreads, 0, stream>>>(p);
+      });
     });
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};

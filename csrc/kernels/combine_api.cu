@@ -28,15 +28,11 @@ Status combine_bwd_cuda(const CombineParams& p, DType dtype, cudaStream_t stream
   if (p.dim % 8 != 0) return Status{2, "combine: head_dim must be a multiple of 8 on CUDA"};
   if (p.vectors == 0) return Status{};
   return NSA_DTYPE_SWITCH(dtype, T, [&] {
-    const int chunks = p.dim / 8;
-    const int lanes = chunks <= 8 ? 8 : (chunks <= 16 ? 16 : 32);  // lanes per vector
+    const int lanes = nsa_vec_lanes(p.dim / 8);
     const unsigned grid = grid_for((p.vectors * lanes + 31) / 32 * 32);
-    if (lanes == 8)
-      combine_detail::combine_bwd_kernel<T, 8><<<grid, kThreads, 0, stream>>>(p);
-    else if (lanes == 16)
-      combine_detail::combine_bwd_kernel<T, 16><<<grid, kThreads, 0, stream>>>(p);
-    else
-      combine_detail::combine_bwd_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    NSA_LANES_SWITCH(lanes, kLanes, [&] {
+      combine_detail::combine_bwd_kernel<T, kLanes><<<grid, kThreads, 0, stream>>>(p);
+    });
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
   });

@@ -19,6 +19,24 @@
 #define NSA_ENABLE_HDIM256
 #endif
 
+// Lanes per vector of the memory-bound row kernels (delta, combine backward): the vector's 16-byte
+// chunks rounded up to a power of two, 8 to 32 (32 / lanes vectors per warp).
+inline int nsa_vec_lanes(int chunks) { return chunks <= 8 ? 8 : (chunks <= 16 ? 16 : 32); }
+
+#define NSA_LANES_SWITCH(LANES, CONST_NAME, ...) \
+  [&] {                                          \
+    if ((LANES) == 8) {                          \
+      constexpr static int CONST_NAME = 8;       \
+      return __VA_ARGS__();                      \
+    } else if ((LANES) == 16) {                  \
+      constexpr static int CONST_NAME = 16;      \
+      return __VA_ARGS__();                      \
+    } else {                                     \
+      constexpr static int CONST_NAME = 32;      \
+      return __VA_ARGS__();                      \
+    }                                            \
+  }()
+
 #define NSA_BOOL_SWITCH(COND, CONST_NAME, ...) \
   [&] {                                       \
     if (COND) {                               \
