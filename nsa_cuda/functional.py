@@ -16,13 +16,12 @@ from torch import Tensor
 
 from . import ops
 
-# NSA_ONE_NODE=1 (read at import; tests set the attribute): nsa_attention runs steps 2-6 as the one
-# autograd node ops.nsa_fwd. H200, 64k headline (session 15): the three delta launches (1.8 ms) go
-# and forward + backward measured 134.4 ms against 135.5 ms per step (within run-to-run noise), but
-# peak memory rose 8.25 -> 10.45 GiB (dq parts and dout_b held to the end; since changed to drop
-# them as they are used, not measured again), and the node keeps every branch output until its
-# backward ends where the per-step graph frees each one after its branch. Off by default.
-ONE_NODE = os.environ.get("NSA_ONE_NODE", "0") == "1"
+# nsa_attention runs steps 2-6 as the one autograd node ops.nsa_fwd unless NSA_ONE_NODE=0 (read at
+# import; tests set the attribute). H200, 64k headline, one run each (session 16): forward +
+# backward 131.5 ms against 133.6 ms per step (the three delta launches, 1.7 ms, go), peak memory
+# 8.42 against 8.25 GiB (the node keeps every branch output until its backward ends, where the
+# per-step graph frees each one after its branch).
+ONE_NODE = os.environ.get("NSA_ONE_NODE", "1") != "0"
 
 __all__ = ["nsa_attention"]
 
@@ -161,8 +160,8 @@ def nsa_attention(
     """Native Sparse Attention (Yuan et al. 2025): compressed, selected and sliding-window
     attention, gated and summed (DESIGN.md §1, the paper's Eq. 5).
 
-    Steps, each one op of :mod:`nsa_cuda.ops` (with ``NSA_ONE_NODE=1``, 2-6 run as the one op
-    and autograd node :func:`nsa_cuda.ops.nsa_fwd`, except in float64):
+    Steps, each one op of :mod:`nsa_cuda.ops` (2-6 run inside the one op and autograd node
+    :func:`nsa_cuda.ops.nsa_fwd`, except in float64 or with ``NSA_ONE_NODE=0``):
 
     1. ``k`` and ``v`` are compressed into one token per block of ``cmp_block`` positions,
        every ``cmp_stride`` positions (mean pooling, or ``flatten(block + pe) @ w`` per KV head
@@ -227,8 +226,8 @@ def nsa_attention(
     v_cmp = ops.compress(v, w_v, pe_v, **cmp)
     if ONE_NODE and q.dtype != torch.float64:
         # Steps 2-6 as one op and one autograd node (ops.nsa_fwd: the backward reuses the
-        # combine's fp32 row sums as the branches' delta). Opt-in until its peak memory is
-        # measured (see ONE_NODE). float64 keeps the per-step ops (delta in float64: gradcheck).
+        # combine's fp32 row sums as the branches' delta; see ONE_NODE). float64 keeps the
+        # per-step ops (delta in float64: gradcheck).
         o, block_idx, *_ = ops.nsa_fwd(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, scale, cmp_block, cmp_stride,
                                        sel_block, top_n, init_blocks, local_blocks, window, cu_seqlens)
         return (o, block_idx) if return_block_idx else o

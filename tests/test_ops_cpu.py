@@ -336,6 +336,24 @@ def test_nsa_fwd_node_matches_per_step_ops(dtype, one_node):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_nsa_attention_per_step_switch(monkeypatch):
+    # NSA_ONE_NODE=0's path: nsa_attention as separate ops and nodes, same values as the node.
+    torch.manual_seed(6)
+    q, k, v = qkv((1, 70), 8, 2, 16, 16, torch.float32)
+    gs = [torch.rand(1, 70, 8) for _ in range(3)]
+    leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
+    kw = dict(cmp_block=16, cmp_stride=8, sel_block=16, top_n=3, window=24)
+    res = {}
+    for node in (False, True):
+        monkeypatch.setattr(nsa_cuda.functional, "ONE_NODE", node)
+        o = nsa_cuda.nsa_attention(q, k, v, *gs, **kw)
+        assert o.grad_fn.name().startswith("GeneratedBackwardFor_nsa_cuda_nsa_fwd") == node
+        res[node] = (o, torch.autograd.grad(o, leaves, torch.ones_like(o)))
+    assert torch.equal(res[False][0], res[True][0])
+    for a, b in zip(res[False][1], res[True][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_nsa_fwd_backward_hands_delta_to_every_branch(one_node):
     # The point of the one node: with only o used, each branch backward gets its delta (no zero
     # gradients materialised for the unused outputs, which would also cost the delta).
