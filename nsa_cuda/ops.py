@@ -117,7 +117,7 @@ def _cmp_attn_fwd_fake(q, k_cmp, v_cmp, scale, block, stride, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::cmp_attn_bwd")
-def _cmp_attn_bwd_fake(dout, dlse, q, k_cmp, v_cmp, out, lse, scale, block, stride, cu_seqlens, delta=None):
+def _cmp_attn_bwd_fake(dout, dlse, q, k_cmp, v_cmp, out, lse, scale, block, stride, cu_seqlens, delta=None, dq_acc=None):
     return _attn_bwd_fake(q, k_cmp, v_cmp)
 
 
@@ -127,7 +127,7 @@ def _sel_attn_fwd_fake(q, k, v, block_idx, scale, sel_block, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::sel_attn_bwd")
-def _sel_attn_bwd_fake(dout, dlse, q, k, v, out, lse, block_idx, scale, sel_block, cu_seqlens, delta=None):
+def _sel_attn_bwd_fake(dout, dlse, q, k, v, out, lse, block_idx, scale, sel_block, cu_seqlens, delta=None, dq_acc=None):
     return _attn_bwd_fake(q, k, v)
 
 
@@ -137,7 +137,7 @@ def _win_attn_fwd_fake(q, k, v, scale, window, cu_seqlens):
 
 
 @torch.library.register_fake("nsa_cuda::win_attn_bwd")
-def _win_attn_bwd_fake(dout, dlse, q, k, v, out, lse, scale, window, cu_seqlens, delta=None):
+def _win_attn_bwd_fake(dout, dlse, q, k, v, out, lse, scale, window, cu_seqlens, delta=None, dq_acc=None):
     return _attn_bwd_fake(q, k, v)
 
 
@@ -245,12 +245,12 @@ torch.library.register_autograd("nsa_cuda::combine_fwd", _combine_backward, setu
 
 
 # ---------------------------------------------------------------------------------------------
-# The branches, selection and gated sum as one autograd node (nsa_attention with NSA_ONE_NODE=1). One node
+# The branches, selection and gated sum as one autograd node (nsa_attention's default). One node
 # lets the backward hand each branch its delta = rowsum(dout_b * o_b) = g_b * rowsum(dout * o_b),
 # which the combine backward already sums in fp32 for the gate gradients: the attention backwards
 # then skip their own pass over dout_b and o_b (1.8 ms at 64k on the H200), and dq's three parts
-# are summed in place. The branch outputs and lse come back as extra outputs so that the backward
-# can use them (they may also be used; their gradients are then added).
+# are summed by the dq kernels themselves (dq_acc). The branch outputs and lse come back as extra
+# outputs so that the backward can use them (they may also be used; their gradients are then added).
 
 
 @torch.library.custom_op("nsa_cuda::nsa_fwd", mutates_args=())
@@ -303,23 +303,20 @@ def _nsa_fwd_backward(ctx, do, _d_block_idx, do_cmp, dlse_cmp, do_slc, dlse_slc,
             return d_b + extra, None
         return d_b, g.float() * dg
 
-    # Each branch's dout_b and dq part are dropped as soon as they are used (as the autograd engine
-    # does between separate nodes): the peak holds one dq accumulator, not three.
+    # Each branch's dout_b is dropped as soon as it is used (as the autograd engine does between
+    # separate nodes), and each branch backward returns the running dq plus its own (dq_acc): the
+    # peak holds two dq buffers, and no separate full-size adds run.
     d_cmp, delta_cmp = branch_dout(d_cmp, g_cmp, dg_cmp, do_cmp)
     dq, dk_cmp, dv_cmp = _ops.cmp_attn_bwd(d_cmp, dlse_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale, cmp_block,
                                            cmp_stride, cu, delta_cmp)
     del d_cmp, delta_cmp
     d_slc, delta_slc = branch_dout(d_slc, g_slc, dg_slc, do_slc)
-    dq_part, dk, dv = _ops.sel_attn_bwd(d_slc, dlse_slc, q, k, v, o_slc, lse_slc, block_idx, scale, sel_block, cu,
-                                        delta_slc)
+    dq, dk, dv = _ops.sel_attn_bwd(d_slc, dlse_slc, q, k, v, o_slc, lse_slc, block_idx, scale, sel_block, cu,
+                                   delta_slc, dq)
     del d_slc, delta_slc
-    dq.add_(dq_part)
-    del dq_part
     d_win, delta_win = branch_dout(d_win, g_win, dg_win, do_win)
-    dq_part, dk_w, dv_w = _ops.win_attn_bwd(d_win, dlse_win, q, k, v, o_win, lse_win, scale, window, cu, delta_win)
+    dq, dk_w, dv_w = _ops.win_attn_bwd(d_win, dlse_win, q, k, v, o_win, lse_win, scale, window, cu, delta_win, dq)
     del d_win, delta_win
-    dq.add_(dq_part)
-    del dq_part
     dk.add_(dk_w)
     dv.add_(dv_w)
     return (dq, dk, dv, dk_cmp, dv_cmp, dg_cmp.to(g_cmp.dtype), dg_slc.to(g_slc.dtype), dg_win.to(g_win.dtype),

@@ -195,7 +195,7 @@ def test_nsa_training_step_on_cuda():
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "narrow_dkdv", "one_wg_dkdv", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "no_persistent", "narrow_dkdv", "one_wg_dkdv", "sm80"])
 @pytest.mark.parametrize("G", [1, 16])
 def test_range_forward_many_tiles(kernel, G, monkeypatch):
     """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
@@ -204,12 +204,14 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     chunks at G = 16 and 2 at G = 1) and windows of 512 keys; packed and padded. `sm80` forces the
     mma.sync kernels (NSA_DISABLE_WGMMA), `no_tma` the sm_90a kernels' cp.async loads instead of
     their TMA ones (NSA_DISABLE_TMA), `no_ws` the forward and dQ with one-thread TMA tiles
-    instead of the producer-thread form (NSA_RANGE_WS=0), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
+    instead of the producer-thread form (NSA_RANGE_WS=0), `no_persistent` the producer-form forward
+    with one CTA per work item instead of one per SM walking several (NSA_RANGE_PERSISTENT=0; at
+    H = 1 and G = 16 the default walks ~5 items per CTA), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
     wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
     64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
     env = {"sm80": [("NSA_DISABLE_WGMMA", "1")], "narrow_dkdv": [("NSA_DKDV_WIDE", "0")],
            "one_wg_dkdv": [("NSA_DKDV_SM90_WGS", "1")], "no_tma": [("NSA_DISABLE_TMA", "1")],
-           "no_ws": [("NSA_RANGE_WS", "0")]}
+           "no_ws": [("NSA_RANGE_WS", "0")], "no_persistent": [("NSA_RANGE_PERSISTENT", "0")]}
     for name, value in env.get(kernel, []):
         monkeypatch.setenv(name, value)
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
@@ -217,3 +219,28 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)
     run_case("win", (1, 3000), 1, G, 128, 128, torch.bfloat16, window=512)
     run_case("win", (int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu, window=200)
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+@pytest.mark.parametrize("dims", [(128, 128), (192, 128), (64, 64)])
+def test_range_forward_persistent_bitwise(G, dims, monkeypatch):
+    """The persistent producer-form forward (each CTA walks items blockIdx.x, + gridDim.x, ...;
+    compressed from the last; the next item's rows and key tiles load during this one's tail)
+    computes every item exactly as one CTA per item does: outputs and lse bitwise equal, padded
+    (H = 2: several items per CTA) and packed (sequences straddling CTA groups), both branches."""
+    Dk, Dv = dims
+    torch.manual_seed(21)
+    cu = cu_of([2100, 1, 33, 1500])
+    cases = [((2, 2600), None), ((int(cu[-1]),), cu)]
+    for lead, c in cases:
+        q = torch.randn(*lead, 2 * G, Dk, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(*lead, 2, Dk, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(*lead, 2, Dv, device="cuda", dtype=torch.bfloat16)
+        kc, vc = nsa_cuda.compress(k, cu_seqlens=c), nsa_cuda.compress(v, cu_seqlens=c)
+        outs = {}
+        for flag in ("1", "0"):
+            monkeypatch.setenv("NSA_RANGE_PERSISTENT", flag)
+            outs[flag] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
+                          nsa_cuda.window_attention(q, k, v, window=300, cu_seqlens=c))
+        for (a_o, a_l), (b_o, b_l) in zip(outs["1"], outs["0"]):
+            assert torch.equal(a_o, b_o) and torch.equal(a_l, b_l)

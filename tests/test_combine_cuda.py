@@ -98,3 +98,46 @@ def test_nsa_fwd_node_matches_per_step_ops_cuda(packed, monkeypatch):
     for a, b in zip(torch.autograd.grad(o, leaves, do), torch.autograd.grad(o2, leaves, do)):
         scale = b.float().abs().max().item() + 1e-6
         assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("HQ", [32, 8])  # G = 16 (the split dQ walk), G = 4
+def test_bwd_dq_acc_cuda(packed, HQ):
+    # dq_acc (nsa_fwd's backward chains the three branches' dq through it): every dq kernel returns
+    # dq_acc + its dq, rounded once; dk / dv untouched; bitwise the same run to run; a dq_acc with
+    # strided rows is read through its strides; one strided in its last dimension is refused (as q).
+    torch.manual_seed(11)
+    dt, H, D = torch.bfloat16, 2, 128
+    lens = [300, 1, 700]
+    T = sum(lens)
+    cu = torch.tensor([0, 300, 301, 1001], dtype=torch.int32, device="cuda") if packed else None
+    shp = (T,) if packed else (1, T)
+    q = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
+    k = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    v = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    do = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
+    acc = torch.randn(*shp, HQ, 2 * D, device="cuda", dtype=dt)[..., D:]  # rows strided, last dim contiguous
+    ops = torch.ops.nsa_cuda
+    kc, vc = nsa_cuda.compress(k, cu_seqlens=cu), nsa_cuda.compress(v, cu_seqlens=cu)
+    o_c, l_c = ops.cmp_attn_fwd(q, kc, vc, D ** -0.5, 32, 16, cu)
+    idx = nsa_cuda.select_blocks(q, kc, l_c, cu_seqlens=cu)
+    o_s, l_s = ops.sel_attn_fwd(q, k, v, idx, D ** -0.5, 64, cu)
+    o_w, l_w = ops.win_attn_fwd(q, k, v, D ** -0.5, 512, cu)
+    calls = {
+        "cmp": lambda *x: ops.cmp_attn_bwd(do, None, q, kc, vc, o_c, l_c, D ** -0.5, 32, 16, cu, *x),
+        "sel": lambda *x: ops.sel_attn_bwd(do, None, q, k, v, o_s, l_s, idx, D ** -0.5, 64, cu, *x),
+        "win": lambda *x: ops.win_attn_bwd(do, None, q, k, v, o_w, l_w, D ** -0.5, 512, cu, *x),
+    }
+    for name, call in calls.items():
+        ref = call()
+        got = call(None, acc)
+        again = call(None, acc.contiguous())
+        assert all(torch.equal(a, b) for a, b in zip(got, again)), name
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), name
+        want = ref[0].float() + acc.float()  # ref[0] is already rounded once: within 1 ulp of the sum
+        err = (got[0].float() - want).abs()
+        bound = 2.0 ** -7 * (ref[0].float().abs() + acc.float().abs()) + 1e-6
+        assert (err <= bound).all(), (name, err.max().item())
+        assert (got[0].float() - ref[0].float()).abs().max().item() > 0.5, name  # acc was added
+        with pytest.raises(ValueError, match="dq_acc"):
+            call(None, torch.randn(*shp, HQ, 2 * D, device="cuda", dtype=dt)[..., ::2])

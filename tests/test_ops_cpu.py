@@ -260,7 +260,8 @@ def _opcheck_cases():
                          (do, None, q, kc, kc, f(o_c), f(lse_c), 0.3, 16, 8, None, (do * f(o_c)).sum(-1))],
         "select_blocks": [(q, kc, f(lse_c), 0.3, 16, 8, 16, 2, 1, 1, None)],
         "sel_attn_fwd": [(q, k, v, idx, 0.3, 16, None)],
-        "sel_attn_bwd": [(do, torch.randn(1, 48, 4), q, k, v, f(o_s), f(lse_s), idx, 0.3, 16, None)],
+        "sel_attn_bwd": [(do, torch.randn(1, 48, 4), q, k, v, f(o_s), f(lse_s), idx, 0.3, 16, None),
+                         (do, None, q, k, v, f(o_s), f(lse_s), idx, 0.3, 16, None, None, torch.randn_like(q))],
         "win_attn_fwd": [(q, k, v, 0.3, 8, None), (qp, kp, vp, 0.3, 8, cu)],
         "win_attn_bwd": [(do, None, q, k, v, f(o_w), f(lse_w), 0.3, 8, None),
                          (do, torch.randn(1, 48, 4), q, k, v, f(o_w), f(lse_w), 0.3, 8, None, (do * f(o_w)).sum(-1))],
@@ -290,6 +291,42 @@ def test_bwd_given_delta_matches_computed():
     torch.testing.assert_close(off[2], ops.win_attn_bwd(do, None, q, k, v, o, lse, 0.3, 8, None)[2])
     with pytest.raises(ValueError, match="delta"):
         ops.win_attn_bwd(do, None, q, k, v, o, lse, 0.3, 8, None, delta[:, :-1])
+
+
+def test_bwd_dq_acc_adds_to_dq():
+    # dq_acc (nsa_fwd's backward chains the branches' dq through it): dq = dq_acc + the op's dq,
+    # dk / dv unchanged; a bad shape or dtype raises naming the argument.
+    torch.manual_seed(13)
+    q, k, v = qkv((1, 48), 4, 2, 8, 8, torch.float32)
+    do = torch.randn_like(q)
+    acc = torch.randn_like(q)
+    kc = ops.compress_fwd(k, None, None, 16, 8, None)
+    idx = torch.randint(-1, 3, (1, 48, 2, 2)).clamp_max((torch.arange(48) // 16).view(1, 48, 1, 1)).int()
+    o_c, l_c = ops.cmp_attn_fwd(q, kc, kc, 0.3, 16, 8, None)
+    o_s, l_s = ops.sel_attn_fwd(q, k, v, idx, 0.3, 16, None)
+    o_w, l_w = ops.win_attn_fwd(q, k, v, 0.3, 8, None)
+    calls = {
+        "cmp": lambda *extra: ops.cmp_attn_bwd(do, None, q, kc, kc, o_c, l_c, 0.3, 16, 8, None, *extra),
+        "sel": lambda *extra: ops.sel_attn_bwd(do, None, q, k, v, o_s, l_s, idx, 0.3, 16, None, *extra),
+        "win": lambda *extra: ops.win_attn_bwd(do, None, q, k, v, o_w, l_w, 0.3, 8, None, *extra),
+    }
+    for name, call in calls.items():
+        ref = call()
+        got = call(None, acc)
+        torch.testing.assert_close(got[0], ref[0] + acc, rtol=1e-6, atol=1e-6, msg=name)
+        assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), name
+        with pytest.raises(ValueError, match="dq_acc"):
+            call(None, acc[:, :-1])
+        with pytest.raises((ValueError, TypeError), match="dq_acc"):
+            call(None, acc.double())
+    # bf16: the sum is rounded once (fp32 dq + dq_acc), not the rounded dq plus dq_acc
+    qb, kb, vb, dob, accb = (t.bfloat16() for t in (q, k, v, do, acc))
+    o_b, l_b = ops.win_attn_fwd(qb, kb, vb, 0.3, 8, None)
+    got = ops.win_attn_bwd(dob, None, qb, kb, vb, o_b, l_b, 0.3, 8, None, None, accb)[0]
+    exact = ops.win_attn_bwd(*(t.float() for t in (dob,)), None, q.bfloat16().float(), kb.float(), vb.float(),
+                             o_b.float(), l_b, 0.3, 8, None)[0] + accb.float()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=1e-2, atol=1e-2)
 
 
 def test_combine_bwd_dg_fp32():
@@ -365,7 +402,8 @@ def test_nsa_fwd_backward_hands_delta_to_every_branch(one_node):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.name()
             if name.startswith("nsa_cuda::") and name.endswith("_attn_bwd"):
-                calls[name] = args[-1] if len(args) >= 12 or name.startswith("nsa_cuda::win") else None
+                at = 10 if name.startswith("nsa_cuda::win") else 11  # delta, then dq_acc
+                calls[name] = (args[at] if len(args) > at else None, args[at + 1] if len(args) > at + 1 else None)
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(8)
@@ -376,8 +414,13 @@ def test_nsa_fwd_backward_hands_delta_to_every_branch(one_node):
     with Record():
         torch.autograd.grad(o, leaves, torch.randn_like(o))
     assert set(calls) == {"nsa_cuda::cmp_attn_bwd", "nsa_cuda::sel_attn_bwd", "nsa_cuda::win_attn_bwd"}, calls
-    for name, delta in calls.items():
+    for name, (delta, dq_acc) in calls.items():
         assert isinstance(delta, torch.Tensor) and delta.dtype == torch.float32 and delta.shape == (1, 64, 4), name
+        # the first branch starts dq; the others add theirs to it inside the op
+        if name == "nsa_cuda::cmp_attn_bwd":
+            assert dq_acc is None
+        else:
+            assert isinstance(dq_acc, torch.Tensor) and dq_acc.shape == q.shape and dq_acc.dtype == q.dtype, name
 
 
 def test_nsa_fwd_node_compiles_fullgraph(one_node):

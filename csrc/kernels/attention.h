@@ -58,6 +58,8 @@ struct AttnBwdParams : AttnParams {
   const void* dout = nullptr;  Strides3 dout_stride;  // like o
   const float* dlse = nullptr;  // optional gradient of lse (layout of lse), nullptr = zero
   void* dq = nullptr;  Strides3 dq_stride;
+  // optional, like dq: the kernels write dq = dq_acc + their dq (the sum in fp32, one rounding)
+  const void* dq_acc = nullptr;  Strides3 dq_acc_stride;
   void* dk = nullptr;  Strides3 dk_stride;
   void* dv = nullptr;  Strides3 dv_stride;
   // rowsum(dout * out) - dlse per (token, query head), fp32, layout of lse (CUDA kernels).

@@ -120,17 +120,35 @@ __device__ __forceinline__ void dq_tile(const T* sQ, const T* sdO, const T* sK, 
   gemm_16x32_regs_nn<T, kDqCols, kKeys>(dq_acc, s_acc, sK + col0, kLdQK, gid, tig);
 }
 
-// dq (scaled) of the rows that are on, columns [col0, col0 + kDqCols).
+// dq (scaled) of the rows that are on, columns [col0, col0 + kDqCols); plus p.dq_acc's values
+// when given (added in fp32, one rounding).
 template <typename T, int kDqCols>
 __device__ __forceinline__ void dq_epilogue(const AttnBwdParams& p, const RowMap& rm, const Pass& wps, const DqRows& rw,
                                             int col0, const float (&dq_acc)[kDqCols / 8][4], int gid, int tig) {
   T* dq = static_cast<T*>(p.dq) + (p.cu_seqlens != nullptr ? 0 : wps.b * p.dq_stride.batch) + col0;
+  const T* prev = p.dq_acc == nullptr ? nullptr
+                                      : static_cast<const T*>(p.dq_acc) +
+                                            (p.cu_seqlens != nullptr ? 0 : wps.b * p.dq_acc_stride.batch) + col0;
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     if (!rw.on[ri]) continue;
     const int r = gid + ri * 8;
-    T* row = dq + (wps.row_begin + wps.t0 + rw.tok[ri]) * p.dq_stride.row +
-             static_cast<index_t>(rm.head0 + r % rm.heads) * p.dq_stride.head;
+    const index_t tok = wps.row_begin + wps.t0 + rw.tok[ri];
+    const index_t head = rm.head0 + r % rm.heads;
+    T* row = dq + tok * p.dq_stride.row + head * p.dq_stride.head;
+    if (prev != nullptr) {
+      const T* prow = prev + tok * p.dq_acc_stride.row + head * p.dq_acc_stride.head;
+      uint32_t old[kDqCols / 8];  // every load issued before the first add
+#pragma unroll
+      for (int n = 0; n < kDqCols / 8; ++n) old[n] = *reinterpret_cast<const uint32_t*>(prow + n * 8 + 2 * tig);
+#pragma unroll
+      for (int n = 0; n < kDqCols / 8; ++n) {
+        const float2 x = mma::unpack2<T>(old[n]);
+        *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * tig) =
+            mma::pack2<T>(fmaf(dq_acc[n][ri * 2], p.scale, x.x), fmaf(dq_acc[n][ri * 2 + 1], p.scale, x.y));
+      }
+      continue;
+    }
 #pragma unroll
     for (int n = 0; n < kDqCols / 8; ++n)
       *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * tig) =

@@ -246,9 +246,11 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid == 0)
+    if (tid == 0) {
+      RangeWsCursor cur;
       range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, gr, cta_tokens,
-                                                                                q_base, do_base, stage_addr);
+                                                                                q_base, do_base, stage_addr, cur);
+    }
     return;
   }
 
@@ -313,7 +315,7 @@ __global__ void __launch_bounds__(384, 1)
       tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
     };
 
-    tma::mbar_wait(bars.rows_full(), pass_i & 1);
+    tma::mbar_wait(bars.rows_full(pass_i), bars.rows_parity(pass_i));
     if (n_tiles > 0) {
       bars.wait_full(seq);
       issue_s_dp(0, s, dp);
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int it = 0; it < n_tiles; ++it) step(it);
 
     dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
-    tma::mbar_arrive(bars.rows_empty());  // every wgmma reading the rows was waited for
+    tma::mbar_arrive(bars.rows_empty(pass_i));  // every wgmma reading the rows was waited for
     seq += static_cast<uint32_t>(n_tiles);
   }
 #endif

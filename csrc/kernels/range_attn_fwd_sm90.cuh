@@ -468,18 +468,20 @@ inline bool range_ws_enabled() {
 }
 
 // The producer form's mbarriers, after the ring's stages: per stage a full barrier (the producer's
-// TMA bytes) and an empty one (256 consumer arrivals), then the query rows' full / empty pair.
-// Tile it of a pass is the CTA's tile seq + it, in stage (seq + it) % kStages, whose barriers
-// complete for the ((seq + it) / kStages)-th time.
-template <int kStages>
+// TMA bytes) and an empty one (256 consumer arrivals), then per query-row buffer a full / empty
+// pair. Tile it of a pass is the CTA's tile seq + it, in stage (seq + it) % kStages, whose barriers
+// complete for the ((seq + it) / kStages)-th time; the CTA's pass i uses row buffer i % kRowBufs
+// for the (i / kRowBufs)-th time.
+template <int kStages, int kRowBufs = 1>
 struct RangeWsBarriers {
   uint32_t base;
   __device__ __forceinline__ explicit RangeWsBarriers(uint32_t base_) : base(base_) {}
   __device__ __forceinline__ uint32_t full(uint32_t gi) const { return base + (gi % kStages) * 8; }
   __device__ __forceinline__ uint32_t empty(uint32_t gi) const { return base + (kStages + gi % kStages) * 8; }
-  __device__ __forceinline__ uint32_t rows_full() const { return base + 2 * kStages * 8; }
-  __device__ __forceinline__ uint32_t rows_empty() const { return base + 2 * kStages * 8 + 8; }
-  static constexpr int kBytes = (2 * kStages + 2) * 8;
+  __device__ __forceinline__ uint32_t rows_full(uint32_t pass = 0) const { return base + (2 * kStages + 2 * (pass % kRowBufs)) * 8; }
+  __device__ __forceinline__ uint32_t rows_empty(uint32_t pass = 0) const { return rows_full(pass) + 8; }
+  __device__ __forceinline__ uint32_t rows_parity(uint32_t pass) const { return (pass / kRowBufs) & 1; }
+  static constexpr int kBytes = (2 * kStages + 2 * kRowBufs) * 8;
   // Thread 0 initialises them; every thread then passes a CTA barrier.
   __device__ __forceinline__ void init(int tid) const {
     if (tid == 0) {
@@ -487,8 +489,10 @@ struct RangeWsBarriers {
         tma::mbar_init(full(st), 1);
         tma::mbar_init(empty(st), 256);
       }
-      tma::mbar_init(rows_full(), 1);
-      tma::mbar_init(rows_empty(), 256);
+      for (int r = 0; r < kRowBufs; ++r) {
+        tma::mbar_init(rows_full(r), 1);
+        tma::mbar_init(rows_empty(r), 256);
+      }
       tma::fence_barrier_init();
     }
     __syncthreads();
@@ -496,73 +500,122 @@ struct RangeWsBarriers {
   __device__ __forceinline__ void wait_full(uint32_t gi) const { tma::mbar_wait(full(gi), (gi / kStages) & 1); }
 };
 
-// The producer thread of the forward and dQ: per pass the CTA's query rows (q at q_base, and
-// dout at do_base when kHeadDimDout > 0) on rows_full once the consumers released the previous
-// pass's, then the pass's n_tiles key tiles (rounded up to even when kEvenSteps: the forward's
-// step pairs; the last one is masked) into the ring, each once its stage is empty.
-template <typename Cfg, int kHeadDim, int kHeadDimV, int kHeadDimDout, bool kCompressed, bool kEvenSteps, class Params>
+// The producer's running counts over a CTA's passes (and, in the persistent forward, its work
+// items): key tiles issued so far (seq) and passes started (pass_i).
+struct RangeWsCursor {
+  uint32_t seq = 0, pass_i = 0;
+};
+
+// The producer thread of the forward and dQ, for one group (CTA item): per pass the CTA's query
+// rows (q at q_base, and dout at do_base when kHeadDimDout > 0; row buffer pass_i % kRowBufs,
+// kRowBytesStride apart) on rows_full once the consumers released that buffer's previous pass,
+// and the pass's n_tiles key tiles (rounded up to even when kEvenSteps: the forward's step pairs;
+// the last one is masked) into the ring, each once its stage is empty. With one row buffer, a
+// later pass's first kStages tiles are issued before the wait for the rows, so they load while
+// the consumers finish the previous pass (the rows cannot: the consumers still read them).
+template <typename Cfg, int kHeadDim, int kHeadDimV, int kHeadDimDout, bool kCompressed, bool kEvenSteps,
+          int kRowBufs = 1, class Params>
 __device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsMaps& maps,
-                                                 const RangeWsBarriers<Cfg::kStages>& bars, const RowMap& rm,
-                                                 const Group& gr, int cta_tokens, uint32_t q_base, uint32_t do_base,
-                                                 uint32_t stage_addr) {
+                                                 const RangeWsBarriers<Cfg::kStages, kRowBufs>& bars,
+                                                 const RowMap& rm, const Group& gr, int cta_tokens, uint32_t q_base,
+                                                 uint32_t do_base, uint32_t stage_addr, RangeWsCursor& cur,
+                                                 uint32_t row_buf_bytes = 0) {
   constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
   constexpr int kRowBytes = Cfg::kRowsCta * (kHeadDim + kHeadDimDout) * 2;
   const bool packed = p.cu_seqlens != nullptr;
-  uint32_t seq = 0, pass_i = 0;
   Pass ps;
-  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++cur.pass_i) {
     const RangeKeys<kCompressed> rk(p, ps);
     index_t lo, hi;
     rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
     const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
     const int n_steps = kEvenSteps ? (n_tiles + 1) & ~1 : n_tiles;
     const int bc = packed ? 0 : ps.b;
-    if (pass_i > 0) tma::mbar_wait(bars.rows_empty(), (pass_i - 1) & 1);
-    tma::mbar_arrive_expect_tx(bars.rows_full(), kRowBytes);
-    const int row0 = static_cast<int>(ps.row_begin + ps.t0);  // the CTA's first token slot
-#pragma unroll
-    for (int c = 0; c < kHeadDim / 64; ++c)
-      tma::load_4d(q_base + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, bars.rows_full());
-#pragma unroll
-    for (int c = 0; c < kHeadDimDout / 64; ++c)
-      tma::load_4d(do_base + c * Cfg::kRowsCta * 128, &maps.dout, 64 * c, rm.head0, row0, bc, bars.rows_full());
-    for (int it = 0; it < n_steps; ++it) {
-      const uint32_t gi = seq + static_cast<uint32_t>(it);
+    auto load_tile = [&](int it) {
+      const uint32_t gi = cur.seq + static_cast<uint32_t>(it);
       if (gi >= kStages) tma::mbar_wait(bars.empty(gi), (gi / kStages - 1) & 1);
       tma::load_kv_tile<kHeadDim, kHeadDimV, kTileN>(stage_addr + (gi % kStages) * Cfg::kStageBytes, maps.kv, rm.g,
                                                      rk.kv_row_begin + lo + static_cast<index_t>(it) * kTileN, bc,
                                                      bars.full(gi));
-    }
-    seq += static_cast<uint32_t>(n_steps);
+    };
+    const uint32_t pass = cur.pass_i;
+    // Tiles issued before the rows: with one row buffer the rows wait for the previous pass's epilogue.
+    const int early = kRowBufs == 1 && pass > 0 ? (n_steps < kStages ? n_steps : kStages) : 0;
+    for (int it = 0; it < early; ++it) load_tile(it);
+    if (pass >= kRowBufs) tma::mbar_wait(bars.rows_empty(pass), bars.rows_parity(pass - kRowBufs));
+    tma::mbar_arrive_expect_tx(bars.rows_full(pass), kRowBytes);
+    const uint32_t buf = (pass % kRowBufs) * row_buf_bytes;
+    const int row0 = static_cast<int>(ps.row_begin + ps.t0);  // the CTA's first token slot
+#pragma unroll
+    for (int c = 0; c < kHeadDim / 64; ++c)
+      tma::load_4d(q_base + buf + c * Cfg::kRowsCta * 128, &maps.q, 64 * c, rm.head0, row0, bc, bars.rows_full(pass));
+#pragma unroll
+    for (int c = 0; c < kHeadDimDout / 64; ++c)
+      tma::load_4d(do_base + buf + c * Cfg::kRowsCta * 128, &maps.dout, 64 * c, rm.head0, row0, bc,
+                   bars.rows_full(pass));
+    for (int it = early; it < n_steps; ++it) load_tile(it);
+    cur.seq += static_cast<uint32_t>(n_steps);
   }
 }
 
+// Query-row buffers of the persistent forward: two where they fit in shared memory (the next work
+// item's rows load while this one's last tiles and epilogue run), else one.
+template <typename Cfg>
+constexpr int range_fwd_row_bufs() {
+  return Cfg::kSmemBytes + Cfg::kQBytes + 4 * Cfg::kStages * 8 <= 227 * 1024 ? 2 : 1;
+}
+template <typename Cfg>
+constexpr int range_fwd_ws_smem() {
+  // Cfg's layout (+ one more row buffer where it fits) + the producer form's barriers (the ring's
+  // full ones already counted).
+  return Cfg::kSmemBytes + (range_fwd_row_bufs<Cfg>() - 1) * Cfg::kQBytes + 4 * Cfg::kStages * 8;
+}
 
-// The forward's producer form (the header above).
+// NSA_RANGE_PERSISTENT=0: one CTA per work item (the grid of the other forms) instead of one per
+// SM walking the items (an A/B switch read per launch).
+inline bool range_persistent_enabled() {
+  const char* e = std::getenv("NSA_RANGE_PERSISTENT");
+  return !(e != nullptr && e[0] == '0');
+}
+
+// The forward's producer form (the header above), persistent: the grid holds about one CTA per SM
+// (gridDim.x items per KV head column) and each CTA walks the work items blockIdx.x, + gridDim.x,
+// ... (compressed: from the last, the longest key ranges first), so that the next item's key tiles
+// (and, with two row buffers, its query rows) load while this one's last tiles and epilogue run,
+// and no CTA launch, barrier set-up or pipeline fill sits between items. With gridDim.x = the
+// item count it is the one-item-per-CTA kernel (NSA_RANGE_PERSISTENT=0).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
 __global__ void __launch_bounds__(384, 1)
     range_attn_fwd_sm90_ws_kernel(const AttnParams p, const __grid_constant__ RangeWsMaps maps) {
 #ifdef NSA_WGMMA
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, 2>;
-  constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
+  constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages, kRowBufs = range_fwd_row_bufs<Cfg>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = wgmma::align_smem_1024(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t stage_addr = q_base + Cfg::kQBytes;
-  const RangeWsBarriers<kStages> bars(stage_addr + kStages * Cfg::kStageBytes);
+  const uint32_t stage_addr = q_base + kRowBufs * Cfg::kQBytes;
+  const RangeWsBarriers<kStages, kRowBufs> bars(stage_addr + kStages * Cfg::kStageBytes);
 
   const RowMap rm = query_row_map(p);
   const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
-  Group gr;
-  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  const index_t n_items = cta_groups(p, cta_tokens);
+  if (static_cast<index_t>(blockIdx.x) >= n_items) return;  // uniform over the CTA
   bars.init(tid);
+  // Item number k of this CTA's walk.
+  auto item_of = [&](index_t k) { return kCompressed ? n_items - 1 - k : k; };
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid == 0)
-      range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true>(p, maps, bars, rm, gr, cta_tokens, q_base, 0,
-                                                                        stage_addr);
+    if (tid == 0) {
+      RangeWsCursor cur;
+      for (index_t k = blockIdx.x; k < n_items; k += gridDim.x) {
+        Group gr;
+        if (!group_of(p, cta_tokens, item_of(k), gr)) continue;
+        range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true, kRowBufs>(
+            p, maps, bars, rm, gr, cta_tokens, q_base, 0, stage_addr, cur, Cfg::kQBytes);
+      }
+    }
     return;
   }
 
@@ -570,82 +623,106 @@ __global__ void __launch_bounds__(384, 1)
   tma::setmaxnreg_inc<240>();
   const int cw = warp - 4;
   const int gid = lane >> 2, tig = lane & 3;
-  const uint32_t q_addr = q_base + (cw / 4) * 64 * 128;
   const float scale_log2 = p.scale * kLog2e;
   uint32_t seq = 0, pass_i = 0;
-  Pass ps;
-  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
-    const Pass wps = warp_pass(ps, cw, P);
-    const RangeKeys<kCompressed> rk(p, ps);
-    index_t lo, hi;
-    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
-    const int n_steps = (n_tiles + 1) & ~1;
+  for (index_t k = blockIdx.x; k < n_items; k += gridDim.x) {
+    Group gr;
+    if (!group_of(p, cta_tokens, item_of(k), gr)) continue;  // the producer skips it too
+    Pass ps;
+    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+      const Pass wps = warp_pass(ps, cw, P);
+      const RangeKeys<kCompressed> rk(p, ps);
+      index_t lo, hi;
+      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+      const int n_steps = (n_tiles + 1) & ~1;
+      // this warpgroup's 64 rows of each column atom, in the pass's row buffer
+      const uint32_t q_addr = q_base + (pass_i % kRowBufs) * Cfg::kQBytes + (cw / 4) * 64 * 128;
 
-    int row_tok[2];
-    bool row_on[2];
-    fwd_rows(rm, wps, gid, row_tok, row_on);
-    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, row_tok, row_on);
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-    float o_acc[kHeadDimV / 8][4];
-    zero_acc<kHeadDimV>(o_acc);
-    float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
-    auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
+      int row_tok[2];
+      bool row_on[2];
+      fwd_rows(rm, wps, gid, row_tok, row_on);
+      const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, row_tok, row_on);
+      float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+      float o_acc[kHeadDimV / 8][4];
+      zero_acc<kHeadDimV>(o_acc);
+      float(&o_flat)[kHeadDimV / 2] = reinterpret_cast<float(&)[kHeadDimV / 2]>(o_acc);
+      auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
 
-    auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
-      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-      wgmma::fence();
-      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
-      wgmma::commit();
-    };
-    auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
-      online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
-    };
-    // As the kernel above without the CTA barrier; the last step's S reads the stage the next
-    // tile will use (possibly being refilled for the next pass) and the softmax masks all of it.
-    auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
-      if (it + 1 < n_steps) {
-        const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
-        bars.wait_full(gi);
-      }
-      uint32_t pa[kTileN / 16][4];
-      pack_p_fragments<T, kTileN>(p_cur, pa);
-      issue_s(it + 1, s_nxt);
-      const uint32_t v_addr = stage_addr + stage_of(it) * Cfg::kStageBytes + Cfg::kKBytes;
-      wgmma::fence();
+      auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
+        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+        wgmma::fence();
+        wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
+        wgmma::commit();
+      };
+      auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
+        online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig,
+                                    scale_log2);
+      };
+      // As the kernel above without the CTA barrier; the last step's S reads the stage the next
+      // tile will use (possibly being refilled for the next pass or item) and the softmax masks
+      // all of it.
+      auto step = [&](int it, float(&p_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
+        if (it + 1 < n_steps) {
+          const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
+          bars.wait_full(gi);
+        }
+        uint32_t pa[kTileN / 16][4];
+        pack_p_fragments<T, kTileN>(p_cur, pa);
+        issue_s(it + 1, s_nxt);
+        const uint32_t v_addr = stage_addr + stage_of(it) * Cfg::kStageBytes + Cfg::kKBytes;
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk)
-        wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * 1024, kTileN * 128, 1024));
-      wgmma::commit();
-      wgmma::wait<1>();
-      wgmma::fence_operands(s_nxt);
-      float alpha[2];
-      softmax(it + 1, s_nxt, alpha);
-      wgmma::wait<0>();
-      wgmma::fence_operands(o_flat);
-      rescale_rows<kHeadDimV>(o_acc, alpha);
-      tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
-    };
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDimV>::rs_mn(o_flat, pa[kk], wgmma::make_desc(v_addr + kk * 2 * 1024, kTileN * 128, 1024));
+        wgmma::commit();
+        wgmma::wait<1>();
+        wgmma::fence_operands(s_nxt);
+        float alpha[2];
+        softmax(it + 1, s_nxt, alpha);
+        wgmma::wait<0>();
+        wgmma::fence_operands(o_flat);
+        rescale_rows<kHeadDimV>(o_acc, alpha);
+        tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
+      };
 
-    float s_a[kTileN / 2], s_b[kTileN / 2];
-    tma::mbar_wait(bars.rows_full(), pass_i & 1);
-    if (n_steps > 0) {
-      bars.wait_full(seq);
-      issue_s(0, s_a);
-      wgmma::wait<0>();
-      wgmma::fence_operands(s_a);
-      float alpha[2];
-      softmax(0, s_a, alpha);
+      float s_a[kTileN / 2], s_b[kTileN / 2];
+      tma::mbar_wait(bars.rows_full(pass_i), bars.rows_parity(pass_i));
+      if (n_steps > 0) {
+        bars.wait_full(seq);
+        issue_s(0, s_a);
+        wgmma::wait<0>();
+        wgmma::fence_operands(s_a);
+        float alpha[2];
+        softmax(0, s_a, alpha);
+      }
+      for (int it = 0; it < n_steps; it += 2) {
+        step(it, s_a, s_b);
+        step(it + 1, s_b, s_a);
+      }
+      // Every wgmma reading the rows was waited for: release them before the epilogue's stores.
+      tma::mbar_arrive(bars.rows_empty(pass_i));
+      fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
+      seq += static_cast<uint32_t>(n_steps);
     }
-    for (int it = 0; it < n_steps; it += 2) {
-      step(it, s_a, s_b);
-      step(it + 1, s_b, s_a);
-    }
-    fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
-    tma::mbar_arrive(bars.rows_empty());
-    seq += static_cast<uint32_t>(n_steps);
   }
 #endif
+}
+
+// SMs of the current device (cached per device; the persistent grid's size).
+inline int range_device_sms() {
+  static int sms[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
+  if (dev >= 64) {
+    int n = 0;
+    return cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0 ? n : 132;
+  }
+  if (sms[dev] == 0) {
+    int n = 0;
+    sms[dev] = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0 ? n : 132;
+  }
+  return sms[dev];
 }
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
@@ -663,13 +740,21 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     RangeWsMaps ws_maps{};
     if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, nullptr, Strides3{})) {
       auto ws_kernel = range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
-      // Cfg's layout + the producer form's barriers (RangeWsBarriers::kBytes; the ring's full ones
-      // already counted): the size it ran with on the H200.
-      constexpr int kWsSmem = Cfg::kSmemBytes + 4 * Cfg::kStages * 8;
-      static_assert(kWsSmem >= Cfg::kSmemBytes - Cfg::kStages * 8 + RangeWsBarriers<Cfg::kStages>::kBytes);
+      constexpr int kWsSmem = range_fwd_ws_smem<Cfg>();
+      constexpr int kRowBufs = range_fwd_row_bufs<Cfg>();
+      static_assert(kWsSmem >= Cfg::kSmemBytes - Cfg::kStages * 8 + (kRowBufs - 1) * Cfg::kQBytes +
+                                   RangeWsBarriers<Cfg::kStages, kRowBufs>::kBytes);
+      static_assert(kWsSmem <= 227 * 1024);
       cudaError_t e = cudaFuncSetAttribute(ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-      ws_kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
+      // Persistent: at most one CTA per SM over the grid's KV head columns (one CTA fits an SM; a
+      // second wave would leave most SMs idle behind it).
+      index_t grid_x = items;
+      if (range_persistent_enabled()) {
+        const index_t want = range_device_sms() / grid_y > 0 ? range_device_sms() / grid_y : 1;
+        grid_x = want < items ? want : items;
+      }
+      ws_kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
       e = cudaGetLastError();
       return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
     }

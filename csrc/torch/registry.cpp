@@ -24,12 +24,15 @@ TORCH_LIBRARY(nsa_cuda, m) {
         " -> (Tensor, Tensor, Tensor)");
   // The attention backwards take an optional precomputed delta = rowsum(dout * out), fp32, shaped
   // like lse (dlse, when given, is still subtracted): nsa_attention's backward has it from the
-  // combine backward, which saves the delta kernel's pass over dout and out.
+  // combine backward, which saves the delta kernel's pass over dout and out. With dq_acc (shaped
+  // like q) the returned dq is dq_acc + the op's dq, summed before rounding: the three branches'
+  // dq without separate adds.
   // §1.2 compressed attention -> (o, lse fp32).
   m.def("cmp_attn_fwd(Tensor q, Tensor k_cmp, Tensor v_cmp, float scale, int block, int stride, Tensor? cu_seqlens)"
         " -> (Tensor, Tensor)");
   m.def("cmp_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor out, Tensor lse,"
-        " float scale, int block, int stride, Tensor? cu_seqlens, Tensor? delta=None) -> (Tensor, Tensor, Tensor)");
+        " float scale, int block, int stride, Tensor? cu_seqlens, Tensor? delta=None, Tensor? dq_acc=None)"
+        " -> (Tensor, Tensor, Tensor)");
   // §1.3-1.4 block scores + top-n -> int32 block_idx [.., H, top_n], ascending, -1 padded.
   m.def("select_blocks(Tensor q, Tensor k_cmp, Tensor lse, float scale, int cmp_block, int cmp_stride, int sel_block,"
         " int top_n, int init_blocks, int local_blocks, Tensor? cu_seqlens) -> Tensor");
@@ -37,12 +40,12 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def("sel_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor block_idx, float scale, int sel_block, Tensor? cu_seqlens)"
         " -> (Tensor, Tensor)");
   m.def("sel_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " Tensor block_idx, float scale, int sel_block, Tensor? cu_seqlens, Tensor? delta=None)"
+        " Tensor block_idx, float scale, int sel_block, Tensor? cu_seqlens, Tensor? delta=None, Tensor? dq_acc=None)"
         " -> (Tensor, Tensor, Tensor)");
   // §1.6 sliding window -> (o, lse fp32).
   m.def("win_attn_fwd(Tensor q, Tensor k, Tensor v, float scale, int window, Tensor? cu_seqlens) -> (Tensor, Tensor)");
   m.def("win_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale,"
-        " int window, Tensor? cu_seqlens, Tensor? delta=None) -> (Tensor, Tensor, Tensor)");
+        " int window, Tensor? cu_seqlens, Tensor? delta=None, Tensor? dq_acc=None) -> (Tensor, Tensor, Tensor)");
   // §1.7 gated sum of the three branches.
   m.def("combine_fwd(Tensor o_cmp, Tensor o_slc, Tensor o_win, Tensor g_cmp, Tensor g_slc, Tensor g_win) -> Tensor");
   // dg_fp32: the gate gradients (sum over dim of dout * o_b) in fp32 instead of the gates' dtype.
