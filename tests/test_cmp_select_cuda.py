@@ -224,10 +224,11 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
 @pytest.mark.parametrize("G", [1, 4, 16])
 @pytest.mark.parametrize("dims", [(128, 128), (192, 128), (64, 64)])
 def test_range_forward_persistent_bitwise(G, dims, monkeypatch):
-    """The persistent producer-form forward (each CTA walks items blockIdx.x, + gridDim.x, ...;
-    compressed from the last; the next item's rows and key tiles load during this one's tail)
-    computes every item exactly as one CTA per item does: outputs and lse bitwise equal, padded
-    (H = 2: several items per CTA) and packed (sequences straddling CTA groups), both branches."""
+    """The persistent producer-form forward and dQ (each CTA walks items blockIdx.x, + gridDim.x,
+    ...; compressed from the last; the next item's rows and key tiles load during this one's tail)
+    compute every item exactly as one CTA per item does: outputs, lse and all gradients bitwise
+    equal, padded (H = 2: several items per CTA) and packed (sequences straddling CTA groups), both
+    branches."""
     Dk, Dv = dims
     torch.manual_seed(21)
     cu = cu_of([2100, 1, 33, 1500])
@@ -237,10 +238,15 @@ def test_range_forward_persistent_bitwise(G, dims, monkeypatch):
         k = torch.randn(*lead, 2, Dk, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(*lead, 2, Dv, device="cuda", dtype=torch.bfloat16)
         kc, vc = nsa_cuda.compress(k, cu_seqlens=c), nsa_cuda.compress(v, cu_seqlens=c)
-        outs = {}
+        leaves = [t.requires_grad_(True) for t in (q, k, v, kc, vc)]
+        do = torch.randn(*lead, 2 * G, Dv, device="cuda", dtype=torch.bfloat16)
+        outs, grads = {}, {}
         for flag in ("1", "0"):
             monkeypatch.setenv("NSA_RANGE_PERSISTENT", flag)
             outs[flag] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
                           nsa_cuda.window_attention(q, k, v, window=300, cu_seqlens=c))
+            grads[flag] = torch.autograd.grad(outs[flag][0][0] + outs[flag][1][0], leaves, do)
         for (a_o, a_l), (b_o, b_l) in zip(outs["1"], outs["0"]):
             assert torch.equal(a_o, b_o) and torch.equal(a_l, b_l)
+        for a, b in zip(grads["1"], grads["0"]):
+            assert torch.equal(a, b)

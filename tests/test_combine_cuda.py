@@ -69,20 +69,24 @@ def test_combine_bwd_dg_fp32_cuda(dtype, Dv):
         assert torch.equal(a, x.to(dtype))
 
 
+def ragged_qkv(packed, HQ, H=2, D=128, dt=torch.bfloat16):
+    """Sequences of 300, 1 and 700 tokens, packed (cu_seqlens) or as one padded row of 1001:
+    (cu_seqlens or None, the leading shape, q, k, v)."""
+    T = 1001
+    cu = torch.tensor([0, 300, 301, T], dtype=torch.int32, device="cuda") if packed else None
+    shp = (T,) if packed else (1, T)
+    q, k, v = (torch.randn(*shp, h, D, device="cuda", dtype=dt) for h in (HQ, H, H))
+    return cu, shp, q, k, v
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_nsa_fwd_node_matches_per_step_ops_cuda(packed, monkeypatch):
     monkeypatch.setattr(nsa_cuda.functional, "ONE_NODE", True)
     # nsa_attention's one-node path (ops.nsa_fwd: delta from the combine backward) against the
     # per-step ops, each with its own autograd and delta kernel.
     torch.manual_seed(7)
-    dt, HQ, H, D = torch.bfloat16, 32, 2, 128
-    lens = [300, 1, 700]
-    T = sum(lens)
-    cu = torch.tensor([0, 300, 301, 1001], dtype=torch.int32, device="cuda") if packed else None
-    shp = (T,) if packed else (1, T)
-    q = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
-    k = torch.randn(*shp, H, D, device="cuda", dtype=dt)
-    v = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    dt, HQ = torch.bfloat16, 32
+    cu, shp, q, k, v = ragged_qkv(packed, HQ)
     gs = [torch.rand(*shp, HQ, device="cuda", dtype=dt) for _ in range(3)]
     leaves = [t.requires_grad_(True) for t in (q, k, v, *gs)]
     o, idx = nsa_cuda.nsa_attention(q, k, v, *gs, cu_seqlens=cu, return_block_idx=True)
@@ -107,14 +111,8 @@ def test_bwd_dq_acc_cuda(packed, HQ):
     # dq_acc + its dq, rounded once; dk / dv untouched; bitwise the same run to run; a dq_acc with
     # strided rows is read through its strides; one strided in its last dimension is refused (as q).
     torch.manual_seed(11)
-    dt, H, D = torch.bfloat16, 2, 128
-    lens = [300, 1, 700]
-    T = sum(lens)
-    cu = torch.tensor([0, 300, 301, 1001], dtype=torch.int32, device="cuda") if packed else None
-    shp = (T,) if packed else (1, T)
-    q = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
-    k = torch.randn(*shp, H, D, device="cuda", dtype=dt)
-    v = torch.randn(*shp, H, D, device="cuda", dtype=dt)
+    dt, D = torch.bfloat16, 128
+    cu, shp, q, k, v = ragged_qkv(packed, HQ, D=D)
     do = torch.randn(*shp, HQ, D, device="cuda", dtype=dt)
     acc = torch.randn(*shp, HQ, 2 * D, device="cuda", dtype=dt)[..., D:]  # rows strided, last dim contiguous
     ops = torch.ops.nsa_cuda

@@ -91,6 +91,13 @@ struct RangeKeys {
       hi = t_last + 1;
     }
   }
+  // The first key lo of a pass's range and its number of kTileN-key tiles (tiles_of over the pass's tokens).
+  template <int kTileN>
+  __device__ __forceinline__ int pass_tiles(const AttnParams& p, const Pass& ps, index_t& lo) const {
+    index_t hi;
+    tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
+    return hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+  }
   // Keys [lo, hi) of token t (hi = 0 for a row that is off).
   __device__ __forceinline__ void row_keys(const AttnParams& p, index_t t, bool on, index_t& lo, index_t& hi) const {
     lo = kCompressed ? 0 : t - p.window + 1;

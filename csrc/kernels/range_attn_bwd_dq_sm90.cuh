@@ -95,9 +95,8 @@ __global__ void __launch_bounds__(256, 1)
     const Pass wps = warp_pass(ps, warp, P);
     const RangeKeys<kCompressed> rk(p, ps);
     const index_t kv_row_begin = rk.kv_row_begin, n_keys = rk.n_keys;
-    index_t lo, hi;
-    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    index_t lo;
+    const int n_tiles = rk.template pass_tiles<kTileN>(p, ps, lo);
 
     const T* q = static_cast<const T*>(p.q) + (packed ? 0 : b * p.q_stride.batch);
     const T* dout = static_cast<const T*>(p.dout) + (packed ? 0 : b * p.dout_stride.batch);
@@ -214,7 +213,8 @@ __global__ void __launch_bounds__(256, 1)
 // tokens) per 64 columns; per key tile its K / V boxes into a four-stage ring, each stage with a
 // full and an empty barrier); warpgroups 1 and 2 compute as the kernel above but without the
 // per-step CTA barrier, releasing a stage once their dQ product of it is waited for and the query
-// rows once their epilogue has run (RangeWsMaps and the conditions: range_attn_fwd_sm90.cuh).
+// rows once their last product reading them is (RangeWsMaps and the conditions:
+// range_attn_fwd_sm90.cuh). Persistent like the forward's producer form (NSA_RANGE_PERSISTENT).
 template <int kHeadDim, int kHeadDimV>
 struct RangeDqWsConfig {
   using Base = RangeDqSm90Config<kHeadDim, kHeadDimV>;
@@ -240,16 +240,20 @@ __global__ void __launch_bounds__(384, 1)
 
   const RowMap rm = query_row_map(p);
   const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
-  Group gr;
-  if (!group_of(p, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  if (static_cast<index_t>(blockIdx.x) >= cta_groups(p, cta_tokens)) return;  // uniform over the CTA
   bars.init(tid);
+  // Persistent as the forward (range_attn_fwd_sm90_ws_kernel, walk_items). One row buffer (q and
+  // dout of two items do not fit next to the ring): the next item's first key tiles load during
+  // this one's tail, its rows after the last product reading this one's.
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
     if (tid == 0) {
       RangeWsCursor cur;
-      range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, gr, cta_tokens,
-                                                                                q_base, do_base, stage_addr, cur);
+      walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
+        range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, gr, cta_tokens,
+                                                                                  q_base, do_base, stage_addr, cur);
+      });
     }
     return;
   }
@@ -262,74 +266,76 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t do_addr = do_base + (cw / 4) * 64 * 128;
   const float scale_log2 = p.scale * kLog2e;
   uint32_t seq = 0, pass_i = 0;
-  Pass ps;
-  for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
-    const Pass wps = warp_pass(ps, cw, P);
-    const RangeKeys<kCompressed> rk(p, ps);
-    index_t lo, hi;
-    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+  walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
+    Pass ps;
+    for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
+      const Pass wps = warp_pass(ps, cw, P);
+      const RangeKeys<kCompressed> rk(p, ps);
+      index_t lo;
+      const int n_tiles = rk.template pass_tiles<kTileN>(p, ps, lo);
 
-    const DqRows rw = dq_rows(p, rm, wps, gid);
-    const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, rw.tok, rw.on);
-    float dq_acc[kHeadDim / 8][4];
-    zero_acc<kHeadDim>(dq_acc);
-    float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
-    auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
+      const DqRows rw = dq_rows(p, rm, wps, gid);
+      const RangeRowKeys rows = range_row_keys(p, rk, ps, wps, rw.tok, rw.on);
+      float dq_acc[kHeadDim / 8][4];
+      zero_acc<kHeadDim>(dq_acc);
+      float(&dq_flat)[kHeadDim / 2] = reinterpret_cast<float(&)[kHeadDim / 2]>(dq_acc);
+      auto stage_of = [&](int it) { return (seq + static_cast<uint32_t>(it)) % kStages; };
 
-    auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
-      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-      const uint32_t v_addr = k_addr + Cfg::kKBytes;
-      wgmma::fence();
-      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
-      wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
-      wgmma::commit();
-    };
-    auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
-      make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
-    };
+      auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
+        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+        const uint32_t v_addr = k_addr + Cfg::kKBytes;
+        wgmma::fence();
+        wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
+        wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
+        wgmma::commit();
+      };
+      auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
+        make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
+      };
 
-    // As above, without the CTA barrier: the last step's S, dP read the stage the next tile will
-    // use (possibly being refilled for the next pass); their result is never used.
-    float s[kTileN / 2], dp[kTileN / 2];
-    auto step = [&](int it) {
-      if (it + 1 < n_tiles) {
-        const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
-        bars.wait_full(gi);
-      }
-      uint32_t da[kTileN / 16][4];
-      pack_p_fragments<T, kTileN>(s, da);
-      issue_s_dp(it + 1, s, dp);
-      const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-      wgmma::fence();
+      // As above, without the CTA barrier: the last step's S, dP read the stage the next tile will
+      // use (possibly being refilled for the next pass); their result is never used.
+      float s[kTileN / 2], dp[kTileN / 2];
+      auto step = [&](int it) {
+        if (it + 1 < n_tiles) {
+          const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
+          bars.wait_full(gi);
+        }
+        uint32_t da[kTileN / 16][4];
+        pack_p_fragments<T, kTileN>(s, da);
+        issue_s_dp(it + 1, s, dp);
+        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk)
-        wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
-      wgmma::commit();
-      wgmma::wait<1>();
-      wgmma::fence_operands(s);
-      wgmma::fence_operands(dp);
-      make_ds(it + 1, s, dp);
-      wgmma::wait<0>();
-      wgmma::fence_operands(dq_flat);
-      tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
-    };
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
+        wgmma::commit();
+        wgmma::wait<1>();
+        wgmma::fence_operands(s);
+        wgmma::fence_operands(dp);
+        make_ds(it + 1, s, dp);
+        wgmma::wait<0>();
+        wgmma::fence_operands(dq_flat);
+        tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // stage of tile it: S, dP and dQ done
+      };
 
-    tma::mbar_wait(bars.rows_full(pass_i), bars.rows_parity(pass_i));
-    if (n_tiles > 0) {
-      bars.wait_full(seq);
-      issue_s_dp(0, s, dp);
-      wgmma::wait<0>();
-      wgmma::fence_operands(s);
-      wgmma::fence_operands(dp);
-      make_ds(0, s, dp);
+      tma::mbar_wait(bars.rows_full(pass_i), bars.rows_parity(pass_i));
+      if (n_tiles > 0) {
+        bars.wait_full(seq);
+        issue_s_dp(0, s, dp);
+        wgmma::wait<0>();
+        wgmma::fence_operands(s);
+        wgmma::fence_operands(dp);
+        make_ds(0, s, dp);
+      }
+      for (int it = 0; it < n_tiles; ++it) step(it);
+
+      // Every wgmma reading the rows was waited for: release them before the epilogue's stores.
+      tma::mbar_arrive(bars.rows_empty(pass_i));
+      dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
+      seq += static_cast<uint32_t>(n_tiles);
     }
-    for (int it = 0; it < n_tiles; ++it) step(it);
-
-    dq_epilogue<T, kHeadDim>(p, rm, wps, rw, 0, dq_acc, gid, tig);
-    tma::mbar_arrive(bars.rows_empty(pass_i));  // every wgmma reading the rows was waited for
-    seq += static_cast<uint32_t>(n_tiles);
-  }
+  });
 #endif
 }
 
@@ -344,8 +350,16 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
         RangeWsMaps ws_maps{};
         if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, p.dout, p.dout_stride)) {
           using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;
+          const index_t items = dq_ctas<Cfg::kWarps>(p);
+          index_t grid_x = items;
+          if (range_persistent_enabled()) {  // at most one CTA per SM (see the forward's launcher)
+            const int G = p.heads_q / p.heads_kv;
+            const index_t grid_y = static_cast<index_t>(p.heads_kv) * (G >= kRows ? (G + kRows - 1) / kRows : 1);
+            const index_t want = range_device_sms() / grid_y > 0 ? range_device_sms() / grid_y : 1;
+            grid_x = want < items ? want : items;
+          }
           return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>, WC::kThreads,
-                           WC::kSmemBytes, dq_ctas<Cfg::kWarps>(p), p, stream, ws_maps);
+                           WC::kSmemBytes, grid_x, p, stream, ws_maps);
         }
       }
       tma::KvTileMaps maps{};

@@ -302,9 +302,8 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
     const Pass wps = warp_pass(ps, warp, P);
     const RangeKeys<kCompressed> rk(p, ps);
     const index_t kv_row_begin = rk.kv_row_begin, n_keys = rk.n_keys;
-    index_t lo, hi;
-    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    index_t lo;
+    const int n_tiles = rk.template pass_tiles<kTileN>(p, ps, lo);
     // Steps come in pairs (the S buffers alternate); an odd count gets one more tile, past every
     // row's keys: fully masked, it changes nothing (its rows are zero-filled or real keys).
     const int n_steps = (n_tiles + 1) & ~1;
@@ -526,9 +525,8 @@ __device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsM
   Pass ps;
   for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++cur.pass_i) {
     const RangeKeys<kCompressed> rk(p, ps);
-    index_t lo, hi;
-    rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-    const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+    index_t lo;
+    const int n_tiles = rk.template pass_tiles<kTileN>(p, ps, lo);
     const int n_steps = kEvenSteps ? (n_tiles + 1) & ~1 : n_tiles;
     const int bc = packed ? 0 : ps.b;
     auto load_tile = [&](int it) {
@@ -571,6 +569,18 @@ constexpr int range_fwd_ws_smem() {
   return Cfg::kSmemBytes + (range_fwd_row_bufs<Cfg>() - 1) * Cfg::kQBytes + 4 * Cfg::kStages * 8;
 }
 
+// The work items (CTA groups) of a persistent CTA: blockIdx.x, + gridDim.x, ... of cta_groups,
+// from the last when kLastFirst (the compressed branch: later tokens see more keys, so the longest
+// items go first and the tail is short). fn(group) runs for each, in the same order in every warp.
+template <bool kLastFirst, class Fn>
+__device__ __forceinline__ void walk_items(const AttnParams& p, int cta_tokens, Fn&& fn) {
+  const index_t n = cta_groups(p, cta_tokens);
+  for (index_t k = blockIdx.x; k < n; k += gridDim.x) {
+    Group gr;
+    if (group_of(p, cta_tokens, kLastFirst ? n - 1 - k : k, gr)) fn(gr);
+  }
+}
+
 // NSA_RANGE_PERSISTENT=0: one CTA per work item (the grid of the other forms) instead of one per
 // SM walking the items (an A/B switch read per launch).
 inline bool range_persistent_enabled() {
@@ -599,22 +609,17 @@ __global__ void __launch_bounds__(384, 1)
 
   const RowMap rm = query_row_map(p);
   const int P = rm.tokens, cta_tokens = P * Cfg::kWarps;
-  const index_t n_items = cta_groups(p, cta_tokens);
-  if (static_cast<index_t>(blockIdx.x) >= n_items) return;  // uniform over the CTA
+  if (static_cast<index_t>(blockIdx.x) >= cta_groups(p, cta_tokens)) return;  // uniform over the CTA
   bars.init(tid);
-  // Item number k of this CTA's walk.
-  auto item_of = [&](index_t k) { return kCompressed ? n_items - 1 - k : k; };
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
     if (tid == 0) {
       RangeWsCursor cur;
-      for (index_t k = blockIdx.x; k < n_items; k += gridDim.x) {
-        Group gr;
-        if (!group_of(p, cta_tokens, item_of(k), gr)) continue;
+      walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
         range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true, kRowBufs>(
             p, maps, bars, rm, gr, cta_tokens, q_base, 0, stage_addr, cur, Cfg::kQBytes);
-      }
+      });
     }
     return;
   }
@@ -625,16 +630,13 @@ __global__ void __launch_bounds__(384, 1)
   const int gid = lane >> 2, tig = lane & 3;
   const float scale_log2 = p.scale * kLog2e;
   uint32_t seq = 0, pass_i = 0;
-  for (index_t k = blockIdx.x; k < n_items; k += gridDim.x) {
-    Group gr;
-    if (!group_of(p, cta_tokens, item_of(k), gr)) continue;  // the producer skips it too
+  walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
     Pass ps;
     for (int pb = 0; next_pass(p, cta_tokens, gr, pb, 0, ps); pb = ps.p_end, ++pass_i) {
       const Pass wps = warp_pass(ps, cw, P);
       const RangeKeys<kCompressed> rk(p, ps);
-      index_t lo, hi;
-      rk.tiles_of(p, ps.t0 + ps.p_begin, ps.t0 + ps.p_end - 1, lo, hi);
-      const int n_tiles = hi > lo ? static_cast<int>((hi - lo + kTileN - 1) / kTileN) : 0;
+      index_t lo;
+      const int n_tiles = rk.template pass_tiles<kTileN>(p, ps, lo);
       const int n_steps = (n_tiles + 1) & ~1;
       // this warpgroup's 64 rows of each column atom, in the pass's row buffer
       const uint32_t q_addr = q_base + (pass_i % kRowBufs) * Cfg::kQBytes + (cw / 4) * 64 * 128;
@@ -705,7 +707,7 @@ __global__ void __launch_bounds__(384, 1)
       fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
       seq += static_cast<uint32_t>(n_steps);
     }
-  }
+  });
 #endif
 }
 
