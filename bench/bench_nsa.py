@@ -61,9 +61,9 @@ def make_queries(T: int, HQ: int, Dk: int, corr: int) -> torch.Tensor:
     return q
 
 
-def run_config(name: str, T: int, backward: bool, corr: int = 0):
-    """(median ms, peak extra bytes, input bytes) of the whole NSA, or None if this build lacks
-    a kernel it needs (a partial NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS build)."""
+def make_call(name: str, T: int, backward: bool, corr: int = 0):
+    """The benchmarked call on random inputs of config `name`: (call, leaves, dO); call() runs the
+    whole NSA (learned compression w_k / w_v) and, with `backward`, the gradients of every leaf."""
     HQ, H, Dk, Dv = CONFIGS[name]
     dt = torch.bfloat16
     q = make_queries(T, HQ, Dk, corr).requires_grad_(backward)
@@ -74,12 +74,20 @@ def run_config(name: str, T: int, backward: bool, corr: int = 0):
     w_v = (torch.randn(H, 32 * Dv, Dv, device="cuda", dtype=dt) / (32 * Dv) ** 0.5).requires_grad_(backward)
     do = torch.randn(1, T, HQ, Dv, device="cuda", dtype=dt)
     leaves = [q, k, v, *gates, w_k, w_v]
-    inputs = sum(t.numel() * t.element_size() for t in leaves + ([do] if backward else []))
 
     def full_nsa():
         o = nsa_cuda.nsa_attention(q, k, v, *gates, w_k=w_k, w_v=w_v, **HP)
         if backward:
             torch.autograd.grad(o, leaves, do)
+
+    return full_nsa, leaves, do
+
+
+def run_config(name: str, T: int, backward: bool, corr: int = 0):
+    """(median ms, peak extra bytes, input bytes) of the whole NSA, or None if this build lacks
+    a kernel it needs (a partial NSA_CUDA_DTYPES / NSA_CUDA_HEADDIMS build)."""
+    full_nsa, leaves, do = make_call(name, T, backward, corr)
+    inputs = sum(t.numel() * t.element_size() for t in leaves + ([do] if backward else []))
 
     try:
         ms = common.median_ms(full_nsa, 2, 5)

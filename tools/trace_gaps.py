@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import nsa_cuda  # noqa: E402
-from bench_nsa import HP, make_queries  # noqa: E402
+from bench_nsa import HP, make_call  # noqa: E402
 
 DEVICE_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
 
@@ -38,22 +38,10 @@ def main() -> None:
     ap.add_argument("--trace", default="", help="also keep the chrome trace here")
     args = ap.parse_args()
     backward = not args.forward_only
-    T, HQ, H, D = args.T, 64, 4, 128
-    dt = torch.bfloat16
     torch.manual_seed(0)
-    q = make_queries(T, HQ, D, 0).requires_grad_(backward)
-    k = torch.randn(1, T, H, D, device="cuda", dtype=dt, requires_grad=backward)
-    v = torch.randn(1, T, H, D, device="cuda", dtype=dt, requires_grad=backward)
-    gates = [torch.rand(1, T, HQ, device="cuda", dtype=dt, requires_grad=backward) for _ in range(3)]
-    w_k = (torch.randn(H, 32 * D, D, device="cuda", dtype=dt) / (32 * D) ** 0.5).requires_grad_(backward)
-    w_v = (torch.randn(H, 32 * D, D, device="cuda", dtype=dt) / (32 * D) ** 0.5).requires_grad_(backward)
-    do = torch.randn(1, T, HQ, D, device="cuda", dtype=dt)
-    leaves = [q, k, v, *gates, w_k, w_v]
-
-    def call():
-        o = nsa_cuda.nsa_attention(q, k, v, *gates, w_k=w_k, w_v=w_v, **HP)
-        if backward:
-            torch.autograd.grad(o, leaves, do)
+    call, leaves, do = make_call("headline", args.T, backward)
+    q, k, v = leaves[:3]
+    T = args.T
 
     if args.op == "cmp":
         cmp = dict(block=HP["cmp_block"], stride=HP["cmp_stride"])

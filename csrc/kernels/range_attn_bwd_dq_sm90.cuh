@@ -248,13 +248,9 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid == 0) {
-      RangeWsCursor cur;
-      walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
-        range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, gr, cta_tokens,
-                                                                                  q_base, do_base, stage_addr, cur);
-      });
-    }
+    if (tid == 0)
+      range_ws_produce<Cfg, kHeadDim, kHeadDimV, kHeadDimV, kCompressed, false>(p, maps, bars, rm, cta_tokens, q_base,
+                                                                                do_base, stage_addr);
     return;
   }
 

@@ -499,26 +499,38 @@ struct RangeWsBarriers {
   __device__ __forceinline__ void wait_full(uint32_t gi) const { tma::mbar_wait(full(gi), (gi / kStages) & 1); }
 };
 
+// The work items (CTA groups) of a persistent CTA: blockIdx.x, + gridDim.x, ... of cta_groups,
+// from the last when kLastFirst (the compressed branch: later tokens see more keys, so the longest
+// items go first and the tail is short). fn(group) runs for each, in the same order in every warp.
+template <bool kLastFirst, class Fn>
+__device__ __forceinline__ void walk_items(const AttnParams& p, int cta_tokens, Fn&& fn) {
+  const index_t n = cta_groups(p, cta_tokens);
+  for (index_t k = blockIdx.x; k < n; k += gridDim.x) {
+    Group gr;
+    if (group_of(p, cta_tokens, kLastFirst ? n - 1 - k : k, gr)) fn(gr);
+  }
+}
+
 // The producer's running counts over a CTA's passes (and, in the persistent forward, its work
 // items): key tiles issued so far (seq) and passes started (pass_i).
 struct RangeWsCursor {
   uint32_t seq = 0, pass_i = 0;
 };
 
-// The producer thread of the forward and dQ, for one group (CTA item): per pass the CTA's query
+// The producer thread of the forward and dQ, for one work item (group): per pass the CTA's query
 // rows (q at q_base, and dout at do_base when kHeadDimDout > 0; row buffer pass_i % kRowBufs,
-// kRowBytesStride apart) on rows_full once the consumers released that buffer's previous pass,
+// row_buf_bytes apart) on rows_full once the consumers released that buffer's previous pass,
 // and the pass's n_tiles key tiles (rounded up to even when kEvenSteps: the forward's step pairs;
 // the last one is masked) into the ring, each once its stage is empty. With one row buffer, a
 // later pass's first kStages tiles are issued before the wait for the rows, so they load while
 // the consumers finish the previous pass (the rows cannot: the consumers still read them).
 template <typename Cfg, int kHeadDim, int kHeadDimV, int kHeadDimDout, bool kCompressed, bool kEvenSteps,
           int kRowBufs = 1, class Params>
-__device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsMaps& maps,
-                                                 const RangeWsBarriers<Cfg::kStages, kRowBufs>& bars,
-                                                 const RowMap& rm, const Group& gr, int cta_tokens, uint32_t q_base,
-                                                 uint32_t do_base, uint32_t stage_addr, RangeWsCursor& cur,
-                                                 uint32_t row_buf_bytes = 0) {
+__device__ __forceinline__ void range_ws_produce_group(const Params& p, const RangeWsMaps& maps,
+                                                       const RangeWsBarriers<Cfg::kStages, kRowBufs>& bars,
+                                                       const RowMap& rm, const Group& gr, int cta_tokens,
+                                                       uint32_t q_base, uint32_t do_base, uint32_t stage_addr,
+                                                       RangeWsCursor& cur, uint32_t row_buf_bytes) {
   constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages;
   constexpr int kRowBytes = Cfg::kRowsCta * (kHeadDim + kHeadDimDout) * 2;
   const bool packed = p.cu_seqlens != nullptr;
@@ -556,6 +568,20 @@ __device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsM
   }
 }
 
+// The producer thread over all of the CTA's work items, in the consumers' order.
+template <typename Cfg, int kHeadDim, int kHeadDimV, int kHeadDimDout, bool kCompressed, bool kEvenSteps,
+          int kRowBufs = 1, class Params>
+__device__ __forceinline__ void range_ws_produce(const Params& p, const RangeWsMaps& maps,
+                                                 const RangeWsBarriers<Cfg::kStages, kRowBufs>& bars, const RowMap& rm,
+                                                 int cta_tokens, uint32_t q_base, uint32_t do_base, uint32_t stage_addr,
+                                                 uint32_t row_buf_bytes = 0) {
+  RangeWsCursor cur;
+  walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
+    range_ws_produce_group<Cfg, kHeadDim, kHeadDimV, kHeadDimDout, kCompressed, kEvenSteps, kRowBufs>(
+        p, maps, bars, rm, gr, cta_tokens, q_base, do_base, stage_addr, cur, row_buf_bytes);
+  });
+}
+
 // Query-row buffers of the persistent forward: two where they fit in shared memory (the next work
 // item's rows load while this one's last tiles and epilogue run), else one.
 template <typename Cfg>
@@ -567,18 +593,6 @@ constexpr int range_fwd_ws_smem() {
   // Cfg's layout (+ one more row buffer where it fits) + the producer form's barriers (the ring's
   // full ones already counted).
   return Cfg::kSmemBytes + (range_fwd_row_bufs<Cfg>() - 1) * Cfg::kQBytes + 4 * Cfg::kStages * 8;
-}
-
-// The work items (CTA groups) of a persistent CTA: blockIdx.x, + gridDim.x, ... of cta_groups,
-// from the last when kLastFirst (the compressed branch: later tokens see more keys, so the longest
-// items go first and the tail is short). fn(group) runs for each, in the same order in every warp.
-template <bool kLastFirst, class Fn>
-__device__ __forceinline__ void walk_items(const AttnParams& p, int cta_tokens, Fn&& fn) {
-  const index_t n = cta_groups(p, cta_tokens);
-  for (index_t k = blockIdx.x; k < n; k += gridDim.x) {
-    Group gr;
-    if (group_of(p, cta_tokens, kLastFirst ? n - 1 - k : k, gr)) fn(gr);
-  }
 }
 
 // NSA_RANGE_PERSISTENT=0: one CTA per work item (the grid of the other forms) instead of one per
@@ -614,13 +628,9 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warp < 4) {  // ---- producer: thread 0 issues every load, the others leave
     tma::setmaxnreg_dec<24>();
-    if (tid == 0) {
-      RangeWsCursor cur;
-      walk_items<kCompressed>(p, cta_tokens, [&](const Group& gr) {
-        range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true, kRowBufs>(
-            p, maps, bars, rm, gr, cta_tokens, q_base, 0, stage_addr, cur, Cfg::kQBytes);
-      });
-    }
+    if (tid == 0)
+      range_ws_produce<Cfg, kHeadDim, kHeadDimV, 0, kCompressed, true, kRowBufs>(p, maps, bars, rm, cta_tokens, q_base, 0,
+                                                                              stage_addr, Cfg::kQBytes);
     return;
   }
 
