@@ -106,7 +106,10 @@ def test_nsa_fwd_node_matches_per_step_ops_cuda(packed, monkeypatch):
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("HQ", [32, 8])  # G = 16 (the split dQ walk), G = 4
-def test_bwd_dq_acc_cuda(packed, HQ):
+@pytest.mark.parametrize("kernels", ["default", "sm80"])  # sm80: NSA_DISABLE_WGMMA (mma.sync dQ kernels)
+def test_bwd_dq_acc_cuda(packed, HQ, kernels, monkeypatch):
+    if kernels == "sm80":
+        monkeypatch.setenv("NSA_DISABLE_WGMMA", "1")
     # dq_acc (nsa_fwd's backward chains the three branches' dq through it): every dq kernel returns
     # dq_acc + its dq, rounded once; dk / dv untouched; bitwise the same run to run; a dq_acc with
     # strided rows is read through its strides; one strided in its last dimension is refused (as q).
