@@ -4,10 +4,10 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 
 #include "decode.h"
+#include "device_info.cuh"
 #include "static_switch.h"
 
 namespace nsa {
@@ -23,17 +23,6 @@ constexpr int value_dim_of(int dk) { return dk == 192 ? 128 : dk; }
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 index_t round_up(index_t a, index_t m) { return ceil_div(a, m) * m; }
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
-
-int current_sm_count() {
-  static std::atomic<int> cache[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
-  if (dev >= 0 && dev < 64 && cache[dev].load() > 0) return cache[dev].load();
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 132;
-  if (dev >= 0 && dev < 64) cache[dev].store(n);
-  return n;
-}
 
 // Positive integer from the environment, or `fallback`. Tuning switches for A/B runs on a GPU
 // (read on every call, so a benchmark can sweep them in one process); the plan stays a function

@@ -346,16 +346,11 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
         RangeWsMaps ws_maps{};
         if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, p.dout, p.dout_stride)) {
           using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;
-          const index_t items = dq_ctas<Cfg::kWarps>(p);
-          index_t grid_x = items;
-          if (range_persistent_enabled()) {  // at most one CTA per SM (see the forward's launcher)
-            const int G = p.heads_q / p.heads_kv;
-            const index_t grid_y = static_cast<index_t>(p.heads_kv) * (G >= kRows ? (G + kRows - 1) / kRows : 1);
-            const index_t want = range_device_sms() / grid_y > 0 ? range_device_sms() / grid_y : 1;
-            grid_x = want < items ? want : items;
-          }
+          const int G = p.heads_q / p.heads_kv;  // launch_dq's grid y: KV heads x head chunks
+          const index_t grid_y = static_cast<index_t>(p.heads_kv) * (G >= kRows ? (G + kRows - 1) / kRows : 1);
           return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>, WC::kThreads,
-                           WC::kSmemBytes, grid_x, p, stream, ws_maps);
+                           WC::kSmemBytes, range_persistent_grid_x(dq_ctas<Cfg::kWarps>(p), grid_y), p, stream,
+                           ws_maps);
         }
       }
       tma::KvTileMaps maps{};

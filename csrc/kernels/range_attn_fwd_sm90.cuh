@@ -22,6 +22,7 @@
 // full / empty barriers instead of the CTA barrier).
 #pragma once
 
+#include "device_info.cuh"
 #include "range_attn_fwd_kernel.cuh"
 #include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
@@ -477,8 +478,10 @@ struct RangeWsBarriers {
   __device__ __forceinline__ explicit RangeWsBarriers(uint32_t base_) : base(base_) {}
   __device__ __forceinline__ uint32_t full(uint32_t gi) const { return base + (gi % kStages) * 8; }
   __device__ __forceinline__ uint32_t empty(uint32_t gi) const { return base + (kStages + gi % kStages) * 8; }
-  __device__ __forceinline__ uint32_t rows_full(uint32_t pass = 0) const { return base + (2 * kStages + 2 * (pass % kRowBufs)) * 8; }
-  __device__ __forceinline__ uint32_t rows_empty(uint32_t pass = 0) const { return rows_full(pass) + 8; }
+  __device__ __forceinline__ uint32_t rows_full(uint32_t pass) const {
+    return base + (2 * kStages + 2 * (pass % kRowBufs)) * 8;
+  }
+  __device__ __forceinline__ uint32_t rows_empty(uint32_t pass) const { return rows_full(pass) + 8; }
   __device__ __forceinline__ uint32_t rows_parity(uint32_t pass) const { return (pass / kRowBufs) & 1; }
   static constexpr int kBytes = (2 * kStages + 2 * kRowBufs) * 8;
   // Thread 0 initialises them; every thread then passes a CTA barrier.
@@ -602,6 +605,16 @@ inline bool range_persistent_enabled() {
   return !(e != nullptr && e[0] == '0');
 }
 
+// Grid x of the persistent producer forms: at most one CTA per SM over the grid's grid_y columns
+// (one CTA fills an SM; a second wave would leave most SMs idle behind it); every item its own CTA
+// with NSA_RANGE_PERSISTENT=0.
+inline index_t range_persistent_grid_x(index_t items, index_t grid_y) {
+  if (!range_persistent_enabled()) return items;
+  const index_t per_column = current_sm_count() / grid_y;
+  const index_t want = per_column > 0 ? per_column : 1;
+  return want < items ? want : items;
+}
+
 // The forward's producer form (the header above), persistent: the grid holds about one CTA per SM
 // (gridDim.x items per KV head column) and each CTA walks the work items blockIdx.x, + gridDim.x,
 // ... (compressed: from the last, the longest key ranges first), so that the next item's key tiles
@@ -721,22 +734,6 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-// SMs of the current device (cached per device; the persistent grid's size).
-inline int range_device_sms() {
-  static int sms[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132;
-  if (dev >= 64) {
-    int n = 0;
-    return cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0 ? n : 132;
-  }
-  if (sms[dev] == 0) {
-    int n = 0;
-    sms[dev] = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && n > 0 ? n : 132;
-  }
-  return sms[dev];
-}
-
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups>
 Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
@@ -759,13 +756,7 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
       static_assert(kWsSmem <= 227 * 1024);
       cudaError_t e = cudaFuncSetAttribute(ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-      // Persistent: at most one CTA per SM over the grid's KV head columns (one CTA fits an SM; a
-      // second wave would leave most SMs idle behind it).
-      index_t grid_x = items;
-      if (range_persistent_enabled()) {
-        const index_t want = range_device_sms() / grid_y > 0 ? range_device_sms() / grid_y : 1;
-        grid_x = want < items ? want : items;
-      }
+      const index_t grid_x = range_persistent_grid_x(items, grid_y);
       ws_kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
       e = cudaGetLastError();
       return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
