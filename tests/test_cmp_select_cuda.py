@@ -6,22 +6,23 @@ import torch
 import nsa_cuda
 from nsa_cuda import reference as R
 from helpers import assert_fa_close, poison_cuda_cache, requires_cuda
-from test_sparse_attn_cuda import HEAD_DIMS, attention_lowp, cu_of, run_case, sequences
+from test_sparse_attn_cuda import HEAD_DIMS, add_logit_ramp, attention_lowp, cu_of, run_case, sequences
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
 
-def cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu):
+def cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu, ramp=0.0):
     q = torch.randn(*shape, H * G, Dk, device="cuda", dtype=dtype)
     k = torch.randn(*shape, H, Dk, device="cuda", dtype=dtype)
+    q, k = add_logit_ramp(q, k, ramp)
     v = torch.randn(*shape, H, Dv, device="cuda", dtype=dtype)
     kc = R.compress(k.float(), block=l, stride=d, cu_seqlens=cu).to(dtype)
     vc = R.compress(v.float(), block=l, stride=d, cu_seqlens=cu).to(dtype)
     return q, kc, vc
 
 
-def check_cmp(shape, H, G, Dk, Dv, dtype, l=32, d=16, cu=None):
-    q, kc, vc = cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu)
+def check_cmp(shape, H, G, Dk, Dv, dtype, l=32, d=16, cu=None, ramp=0.0):
+    q, kc, vc = cmp_inputs(shape, H, G, Dk, Dv, dtype, l, d, cu, ramp)
     poison_cuda_cache(((*q.shape[:-1], Dv), dtype), (tuple(q.shape[:-1]), torch.float32))
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, kc, vc)]
     leaves_ref = [t.detach().float().requires_grad_(True) for t in (q, kc, vc)]
@@ -219,6 +220,21 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     check_cmp((int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu)
     run_case("win", (1, 3000), 1, G, 128, 128, torch.bfloat16, window=512)
     run_case("win", (int(cu[-1]),), 1, G, 64, 64, torch.bfloat16, cu=cu, window=200)
+
+
+@pytest.mark.parametrize("slack", ["0", "8"])
+@pytest.mark.parametrize("ramp", [3.0, -3.0])
+def test_range_forward_softmax_slack(slack, ramp, monkeypatch):
+    """The sm_90a range forward's conditional rescale (NSA_SOFTMAX_SLACK, log2 units: the running
+    max moves only when a tile's max exceeds it by more than the slack, the exponentials meanwhile
+    taken against the stale max), on logits that rise (the max moves past the slack again and again) or fall (it never moves after the first
+    tile) by ~34 across the keys: every setting within FlashAttention's bounds of the reference,
+    forward and backward, both branches."""
+    monkeypatch.setenv("NSA_SOFTMAX_SLACK", slack)
+    torch.manual_seed(5)
+    check_cmp((1, 6000), 2, 16, 128, 128, torch.bfloat16, ramp=ramp)
+    check_cmp((2, 2000), 2, 4, 64, 64, torch.float16, ramp=ramp)
+    run_case("win", (1, 3000), 2, 16, 128, 128, torch.bfloat16, window=2048, ramp=ramp)
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])

@@ -54,11 +54,23 @@ def attention_lowp(q, k, v, allowed, scale):
     return o, lse.transpose(0, 1)
 
 
+def add_logit_ramp(q, k, ramp):
+    """Shifts q and k along a shared direction so that the scaled logits rise (ramp > 0) or fall
+    (ramp < 0) by about 11 |ramp| from the first key row to the last: the running max of an
+    online softmax then moves many times, by more than a tile's worth."""
+    if ramp == 0:
+        return q, k
+    rows = k.shape[-3]
+    pos = torch.linspace(0, 1, rows, device=k.device).view(rows, 1, 1)
+    return (q.float() + 1.0).to(q.dtype), (k.float() + ramp * pos).to(k.dtype)
+
+
 def run_case(mode, shape, H, G, Dk, Dv, dtype, cu=None, sel_block=64, top_n=4, window=64, idx_kind="random",
-             grad=True, with_dlse=True):
+             grad=True, with_dlse=True, ramp=0.0):
     q = torch.randn(*shape, H * G, Dk, device="cuda", dtype=dtype)
     k = torch.randn(*shape, H, Dk, device="cuda", dtype=dtype)
     v = torch.randn(*shape, H, Dv, device="cuda", dtype=dtype)
+    q, k = add_logit_ramp(q, k, ramp)
     scale = Dk ** -0.5
     block_idx = None
     if mode == "sel":

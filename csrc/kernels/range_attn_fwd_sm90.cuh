@@ -202,36 +202,67 @@ __device__ __forceinline__ void mask_row_keys(float (&acc)[kTileN / 2], int ri, 
 
 // Online softmax of a tile starting at key s0 in s (the sm_80 fwd_tile's arithmetic on kTileN / 8
 // column blocks): s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be
-// rescaled by.
+// rescaled by; returns whether alpha differs from 1 for one of the thread's rows (the caller
+// skips the rescale when no row of the warp needs it).
+// The running max moves only when the tile's exceeds it by more than slack_log2 (log2 units,
+// FlashAttention-4's conditional rescale): until then the exponentials are taken against the
+// stale max, so P <= 2^slack_log2 and O, l stay in that max's units, exactly (the final
+// normalisation and lse use the same m). slack_log2 = 0 is the plain online softmax.
+// Row max and sum by trees (depth log2 of kTileN / 4 instead of a chain of kTileN / 4).
 template <int kTileN>
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kTileN / 2], float (&alpha)[2], float (&m_run)[2],
+__device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], float (&alpha)[2], float (&m_run)[2],
                                                     float (&l_run)[2], const RangeRowKeys& rows, index_t s0, int tig,
-                                                    float scale_log2) {
+                                                    float scale_log2, float slack_log2) {
+  constexpr int kNt = kTileN / 8;
+  static_assert((kNt & (kNt - 1)) == 0, "tree reductions over a power of two of column blocks");
   const bool whole = rows.whole<kTileN>(s0);
+  bool bumped = false;
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     if (!whole) mask_row_keys<kTileN>(s, ri, rows, s0, tig, -INFINITY);
-    float mx = -INFINITY;
+    float t[kNt];
 #pragma unroll
-    for (int n = 0; n < kTileN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]));
+    for (int n = 0; n < kNt; ++n) t[n] = fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]);
+#pragma unroll
+    for (int w = kNt / 2; w > 0; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) t[n] = fmaxf(t[n], t[n + w]);
+    float mx = t[0];
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run[ri], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all keys so far masked: no inf - inf
-    alpha[ri] = exp2f((m_run[ri] - m_use) * scale_log2);
-    m_run[ri] = m_new;
-    const float m_scaled = m_use * scale_log2;
-    float rs = 0.f;
+    // Same for the quad's four lanes (m_run and mx are), so a row's lanes agree. m_run = -inf and
+    // a real mx: +inf > slack; both -inf: NaN, no bump (the row stays at m = -inf, P = 0).
+    const bool bump = (mx - m_run[ri]) * scale_log2 > slack_log2;
+    alpha[ri] = 1.f;
+    if (bump) {
+      alpha[ri] = exp2f((m_run[ri] - mx) * scale_log2);  // 0 from m_run = -inf
+      m_run[ri] = mx;
+      bumped = true;
+    }
+    const float m_scaled = (m_run[ri] == -INFINITY ? 0.f : m_run[ri]) * scale_log2;  // all masked so far: no inf - inf
 #pragma unroll
-    for (int n = 0; n < kTileN / 8; ++n)
+    for (int n = 0; n < kNt; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[4 * n + 2 * ri + e];
         x = exp2f(fmaf(x, scale_log2, -m_scaled));
-        rs += x;
       }
-    l_run[ri] = l_run[ri] * alpha[ri] + rs;
+#pragma unroll
+    for (int n = 0; n < kNt; ++n) t[n] = s[4 * n + 2 * ri] + s[4 * n + 2 * ri + 1];
+#pragma unroll
+    for (int w = kNt / 2; w > 0; w /= 2)
+#pragma unroll
+      for (int n = 0; n < w; ++n) t[n] += t[n + w];
+    l_run[ri] = l_run[ri] * alpha[ri] + t[0];
   }
+  return bumped;
+}
+
+// The softmax's slack (NSA_SOFTMAX_SLACK, log2 units, read per launch: 0 = rescale on every new
+// max; default 8, FlashAttention-4's threshold: P <= 256, exact in fp32 / bf16 / fp16).
+inline float softmax_slack_log2() {
+  const char* e = std::getenv("NSA_SOFTMAX_SLACK");
+  return e != nullptr ? static_cast<float>(std::atof(e)) : 8.f;
 }
 
 template <int kHeadDimV>
@@ -274,7 +305,7 @@ __device__ __forceinline__ void pack_p_fragments(const float (&p_cur)[kTileN / 2
 
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, int kWarpGroups, bool kTma = false>
 __global__ void __launch_bounds__(kWarpGroups * 128, 1)
-    range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ tma::KvTileMaps maps) {
+    range_attn_fwd_sm90_kernel(const AttnParams p, const __grid_constant__ tma::KvTileMaps maps, float slack_log2) {
 #ifdef NSA_WGMMA
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, kWarpGroups>;
   constexpr int kTileN = Cfg::kTileN;
@@ -352,8 +383,11 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
       wgmma::commit();
     };
 
+    // Whether some row of the warp needs O rescaled (warp-uniform: the rescale is skipped otherwise).
     auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
-      online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
+      return __any_sync(0xffffffffu, online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows,
+                                                                 lo + static_cast<index_t>(it) * kTileN, tig,
+                                                                 scale_log2, slack_log2));
     };
 
     // Step it: P of tile it is in p_cur (softmax done, O rescaled). The tensor cores run S of tile
@@ -393,10 +427,10 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
       wgmma::wait<1>();  // S (it + 1)
       wgmma::fence_operands(s_nxt);
       float alpha[2];
-      softmax(it + 1, s_nxt, alpha);
+      const bool rescale = softmax(it + 1, s_nxt, alpha);
       wgmma::wait<0>();  // P V (it)
       wgmma::fence_operands(o_flat);
-      rescale_rows<kHeadDimV>(o_acc, alpha);
+      if (rescale) rescale_rows<kHeadDimV>(o_acc, alpha);
     };
 
     float s_a[kTileN / 2], s_b[kTileN / 2];
@@ -623,7 +657,7 @@ inline index_t range_persistent_grid_x(index_t items, index_t grid_y) {
 // item count it is the one-item-per-CTA kernel (NSA_RANGE_PERSISTENT=0).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
 __global__ void __launch_bounds__(384, 1)
-    range_attn_fwd_sm90_ws_kernel(const AttnParams p, const __grid_constant__ RangeWsMaps maps) {
+    range_attn_fwd_sm90_ws_kernel(const AttnParams p, const __grid_constant__ RangeWsMaps maps, float slack_log2) {
 #ifdef NSA_WGMMA
   using Cfg = RangeFwdSm90Config<kHeadDim, kHeadDimV, 2>;
   constexpr int kTileN = Cfg::kTileN, kStages = Cfg::kStages, kRowBufs = range_fwd_row_bufs<Cfg>();
@@ -680,9 +714,15 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
         wgmma::commit();
       };
-      auto softmax = [&](int it, float(&s)[kTileN / 2], float(&alpha)[2]) {
-        online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows, lo + static_cast<index_t>(it) * kTileN, tig,
-                                    scale_log2);
+      // The factor of the last softmax, applied to O just before the next P V is issued (under
+      // the S product issued before it, as FlashAttention-3 does), and whether any row of the
+      // warp needs it.
+      float alpha[2] = {1.f, 1.f};
+      bool rescale = false;
+      auto softmax = [&](int it, float(&s)[kTileN / 2]) {
+        rescale = __any_sync(0xffffffffu, online_softmax_tile<kTileN>(s, alpha, m_run, l_run, rows,
+                                                                      lo + static_cast<index_t>(it) * kTileN, tig,
+                                                                      scale_log2, slack_log2));
       };
       // As the kernel above without the CTA barrier; the last step's S reads the stage the next
       // tile will use (possibly being refilled for the next pass or item) and the softmax masks
@@ -695,6 +735,7 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t pa[kTileN / 16][4];
         pack_p_fragments<T, kTileN>(p_cur, pa);
         issue_s(it + 1, s_nxt);
+        if (rescale) rescale_rows<kHeadDimV>(o_acc, alpha);  // P V (it - 1) was waited for
         const uint32_t v_addr = stage_addr + stage_of(it) * Cfg::kStageBytes + Cfg::kKBytes;
         wgmma::fence();
 #pragma unroll
@@ -703,11 +744,9 @@ __global__ void __launch_bounds__(384, 1)
         wgmma::commit();
         wgmma::wait<1>();
         wgmma::fence_operands(s_nxt);
-        float alpha[2];
-        softmax(it + 1, s_nxt, alpha);
+        softmax(it + 1, s_nxt);
         wgmma::wait<0>();
         wgmma::fence_operands(o_flat);
-        rescale_rows<kHeadDimV>(o_acc, alpha);
         tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
       };
 
@@ -718,13 +757,16 @@ __global__ void __launch_bounds__(384, 1)
         issue_s(0, s_a);
         wgmma::wait<0>();
         wgmma::fence_operands(s_a);
-        float alpha[2];
-        softmax(0, s_a, alpha);
+        softmax(0, s_a);
+        rescale = false;  // O is still zero
       }
       for (int it = 0; it < n_steps; it += 2) {
         step(it, s_a, s_b);
         step(it + 1, s_b, s_a);
       }
+      // The last step's softmax saw a tile past every row's keys: its factor is 1 unless every
+      // key so far was masked (O = 0); kept for exactness.
+      if (rescale) rescale_rows<kHeadDimV>(o_acc, alpha);
       // Every wgmma reading the rows was waited for: release them before the epilogue's stores.
       tma::mbar_arrive(bars.rows_empty(pass_i));
       fwd_epilogue<T, kHeadDimV>(p, rm, wps, row_tok, row_on, m_run, l_run, o_acc, gid, tig);
@@ -757,7 +799,8 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
       cudaError_t e = cudaFuncSetAttribute(ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmem);
       if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
       const index_t grid_x = range_persistent_grid_x(items, grid_y);
-      ws_kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(p, ws_maps);
+      ws_kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), 384, kWsSmem, stream>>>(
+          p, ws_maps, softmax_slack_log2());
       e = cudaGetLastError();
       return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
     }
@@ -768,7 +811,8 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
                         : range_attn_fwd_sm90_kernel<T, kHeadDim, kHeadDimV, kCompressed, kWarpGroups, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+  kernel<<<dim3(static_cast<unsigned>(items), static_cast<unsigned>(grid_y)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      p, maps, softmax_slack_log2());
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
