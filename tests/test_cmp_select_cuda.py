@@ -130,7 +130,7 @@ def test_select_full_lists(G, n, lp):
     check_select((1, 4000), 2, G, 128, torch.bfloat16, lp=lp, n=n)
 
 
-@pytest.mark.parametrize("kernel", ["default", "pipelined", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "pipelined", "shared_lists", "sm80"])
 @pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
 def test_select_kernels(kernel, G, monkeypatch):
     """Each selection kernel against the reference on an sm_90 card: the wgmma kernel (default: one
@@ -140,6 +140,8 @@ def test_select_kernels(kernel, G, monkeypatch):
     a packed batch with a 1-token sequence; every head dim; a list longer than a warp."""
     if kernel == "pipelined":
         monkeypatch.setenv("NSA_SELECT_SM90_PIPELINED", "1")
+    if kernel == "shared_lists":  # G = 16 in the default geometry: the lists in shared memory, not registers
+        monkeypatch.setenv("NSA_SELECT_REG_LIST", "0")
     if kernel == "sm80":
         monkeypatch.setenv("NSA_DISABLE_WGMMA", "1")
     check_select((1, 5000), 1, G, 128, torch.bfloat16)
@@ -149,6 +151,24 @@ def test_select_kernels(kernel, G, monkeypatch):
         check_select((2, 700), 1, G, D, torch.bfloat16)
     # l = d = l' = 64 (fla's geometry): a 64-key tile opens 65 blocks, the sm_90a kernel's 128-entry rings
     check_select((1, 6000), 1, G, 128, torch.bfloat16, l=64, d=64, lp=64)
+
+
+@pytest.mark.parametrize("T", [1, 31, 33, 200, 1040, 1100, 3000])
+@pytest.mark.parametrize("n,init,local", [(16, 1, 2), (1, 0, 0), (32, 0, 1), (16, 20, 2), (5, 2, 3)])
+def test_select_register_lists(T, n, init, local):
+    """G = 16 in the default geometry (l = 2d, l' = 4d) keeps block scores and lists in registers
+    (SelectWarpRegList): no compressed key yet (T <= 31: every block from the carry-free tail),
+    fewer valid blocks than n, n = 1 and n = 32 (a lane per entry), more forced blocks than n
+    (init = 20: the lowest forced indices win), no forced blocks, and T = 1040 / 1100 where the
+    visible keys end on / past a 64-key tile (the last key's carry into the next block)."""
+    torch.manual_seed(T * 7 + n)
+    check_select((1, T), 2, 16, 64, torch.bfloat16, n=n, init=init, local=local)
+
+
+def test_select_register_lists_packed():
+    cu = cu_of([1, 1039, 1040, 1055, 77, 2100])
+    check_select((int(cu[-1]),), 2, 16, 128, torch.bfloat16, cu=cu)
+    check_select((int(cu[-1]),), 1, 16, 192, torch.float16, cu=cu, n=24, init=0, local=4)
 
 
 def test_select_varlen_and_hparams():

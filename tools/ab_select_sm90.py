@@ -1,7 +1,8 @@
 """A/B of the block scoring + top-n selection kernels on sm_90a, in one process (the launcher reads
 the variables per launch): sm_80's mma.sync kernel (NSA_DISABLE_WGMMA=1), the pipelined wgmma kernel
-(NSA_SELECT_SM90_PIPELINED=1: two S buffers, one CTA per SM) and the default wgmma kernel (one S
-buffer, two CTAs per SM). Headline D = 128, H = 4, G = 16 and 4, T = 16k and 64k; prints ms, TFLOP/s of the
+(NSA_SELECT_SM90_PIPELINED=1: two S buffers, one CTA per SM), the wgmma kernel with its block scores
+and lists in shared memory (NSA_SELECT_REG_LIST=0) and the default wgmma kernel (one S buffer, two CTAs
+per SM; at G = 16 in the default geometry the scores and lists in registers). Headline D = 128, H = 4, G = 16 and 4, T = 16k and 64k; prints ms, TFLOP/s of the
 score product on the visible pairs, the speedup over sm_80 and how many rows differ from
 sm_80's block_idx (near-ties only: the head sums are added in another order).
 
@@ -19,7 +20,8 @@ from bench_cmp_select import visible_pairs  # noqa: E402
 
 D, H = 128, 4
 VARIANTS = (("sm80", {"NSA_DISABLE_WGMMA": "1"}), ("wgmma-pipelined", {"NSA_SELECT_SM90_PIPELINED": "1"}),
-            ("wgmma", {}))
+            ("wgmma-shared-lists", {"NSA_SELECT_REG_LIST": "0"}), ("wgmma", {}))
+SWITCHES = ("NSA_DISABLE_WGMMA", "NSA_SELECT_SM90_PIPELINED", "NSA_SELECT_REG_LIST")
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
             flops = 2.0 * visible_pairs(T) * HQ * D
             res = {}
             for label, env in VARIANTS:
-                for name in ("NSA_DISABLE_WGMMA", "NSA_SELECT_SM90_PIPELINED"):
+                for name in SWITCHES:
                     os.environ.pop(name, None)
                 os.environ.update(env)
                 f = lambda: nsa_cuda.select_blocks(q, kc, lse)  # noqa: E731
@@ -45,7 +47,7 @@ def main() -> None:
                 rows = (idx != base_idx).any(-1).float().mean().item()
                 line += f"  {label} {ms:.3f} ms {flops / ms / 1e9:.0f} TF/s x{base_ms / ms:.2f} (rows differ {rows:.1e})"
             print(line, flush=True)
-    for name in ("NSA_DISABLE_WGMMA", "NSA_SELECT_SM90_PIPELINED"):
+    for name in SWITCHES:
         os.environ.pop(name, None)
 
 

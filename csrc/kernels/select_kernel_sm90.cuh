@@ -52,33 +52,49 @@ struct SelectSm90Config {
 // level k exchanges half of the remaining key groups with lane ^ (4 << k) and keeps the sums of
 // the other half. Stores sP[token][key] for the warp's 16 / kHeads tokens.
 template <int kTileN, int kHeads>
+constexpr int select_head_levels() {
+  return kHeads >= 8 ? 3 : (kHeads == 4 ? 2 : (kHeads == 2 ? 1 : 0));
+}
+
+// The reduce-scatter of row half ri (both halves at 16 heads): v[i] for i < kTileN / 8 >>
+// levels are the head sums of keys 8 (off + i) + 2 tig + {0, 1}.
+template <int kTileN, int kHeads>
+__device__ __forceinline__ void select_reduce_heads(const float (&s)[kTileN / 2], int ri, float (&v)[kTileN / 8][2],
+                                                    int& off, int gid) {
+  constexpr int kNt = kTileN / 8;
+  constexpr int kLevels = select_head_levels<kTileN, kHeads>();
+#pragma unroll
+  for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      v[nt][e] = kHeads == 16 ? s[4 * nt + e] + s[4 * nt + 2 + e] : s[4 * nt + 2 * ri + e];
+  off = 0;  // first key group still held
+#pragma unroll
+  for (int k = 0; k < kLevels; ++k) {
+    const int half = kNt >> (k + 1);
+    const bool upper = (gid >> k) & 1;
+#pragma unroll
+    for (int i = 0; i < half; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float send = upper ? v[i][e] : v[i + half][e];
+        const float keep = upper ? v[i + half][e] : v[i][e];
+        v[i][e] = keep + __shfl_xor_sync(0xffffffffu, send, 4 << k);
+      }
+    off += upper ? half : 0;
+  }
+}
+
+template <int kTileN, int kHeads>
 __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], float* sP, int gid, int tig) {
   constexpr int kNt = kTileN / 8;
-  constexpr int kLevels = kHeads >= 8 ? 3 : (kHeads == 4 ? 2 : (kHeads == 2 ? 1 : 0));
+  constexpr int kLevels = select_head_levels<kTileN, kHeads>();
   constexpr int kHalves = kHeads == 16 ? 1 : 2;  // row halves summed separately (different tokens)
 #pragma unroll
   for (int ri = 0; ri < kHalves; ++ri) {
     float v[kNt][2];
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        v[nt][e] = kHeads == 16 ? s[4 * nt + e] + s[4 * nt + 2 + e] : s[4 * nt + 2 * ri + e];
-    int off = 0;  // first key group still held
-#pragma unroll
-    for (int k = 0; k < kLevels; ++k) {
-      const int half = kNt >> (k + 1);
-      const bool upper = (gid >> k) & 1;
-#pragma unroll
-      for (int i = 0; i < half; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float send = upper ? v[i][e] : v[i + half][e];
-          const float keep = upper ? v[i + half][e] : v[i][e];
-          v[i][e] = keep + __shfl_xor_sync(0xffffffffu, send, 4 << k);
-        }
-      off += upper ? half : 0;
-    }
+    int off;
+    select_reduce_heads<kTileN, kHeads>(s, ri, v, off, gid);
     const int tok = kHeads == 16 ? 0 : (gid + 8 * ri) / kHeads;
 #pragma unroll
     for (int i = 0; i < (kNt >> kLevels); ++i)
@@ -89,7 +105,9 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // kPipelined: two S buffers, S of the next tile in flight while this one is scored, ~215
 // registers, one CTA per SM. Otherwise one buffer and two CTAs per SM (<= 128 registers; the
 // faster one where it fits, see select_sm90_pipelined).
-template <typename T, int kHeadDim, bool kPipelined, int kRing>
+// kRegList: the default geometry at G = 16 with its block scores and lists in registers
+// (SelectWarpRegList, select_reg_list_covers); the shared-memory lists otherwise.
+template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false>
 __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_kernel(const SelectParams sp) {
 #ifdef NSA_WGMMA
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
@@ -157,6 +175,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     mma::cp_async_commit();
 
     SelectWarpLists<kTileN, Cfg::kRing, /*kPerLaneWork=*/true> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
+    SelectWarpRegList reg(sp, wps.p_begin <= 0 && 0 < wps.p_end, wps.t0, lane);  // kRegList: the warp's one token
     // Rows gid, gid + 8 of the warp: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];
@@ -214,6 +233,14 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
               x = 8 * nt + 2 * tig + e < vis ? exp2f(fmaf(x, scale_log2, -row_lse[ri])) : 0.f;
             }
         }
+      }
+      if constexpr (kRegList) {
+        float v[kTileN / 8][2];
+        int off;
+        select_reduce_heads<kTileN, 16>(s, 0, v, off, gid);
+        const float x[2] = {v[0][0], v[0][1]};
+        reg.add_tile(x, off, tig, it);
+        return;
       }
       switch (G) {
         case 16: select_sum_heads<kTileN, 16>(s, sP, gid, tig); break;
@@ -274,8 +301,11 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     }
     mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
     __syncwarp();
-    lists.finish(sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head,
-                 wps.row_begin + wps.t0, sp.block_idx_stride.row);
+    int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head;
+    if constexpr (kRegList)
+      reg.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
+    else
+      lists.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
     __syncthreads();  // sQ, the stages and the lists are reused by the next pass
   }
 #endif
@@ -314,7 +344,17 @@ bool select_sm90_pipelined(const SelectParams& p) {
   return v != nullptr && v[0] == '1';
 }
 
-template <typename T, int kHeadDim, bool kPipelined, int kRing>
+// Whether the register lists take these arguments: one token per warp (G = 16), l = 2d, l' = 4d
+// (a 64-key tile is 16 whole blocks), n <= 32 (a lane per entry); NSA_SELECT_REG_LIST=0 keeps the
+// shared-memory lists (an A/B switch read per launch).
+inline bool select_reg_list_covers(const SelectParams& p) {
+  const char* e = std::getenv("NSA_SELECT_REG_LIST");
+  if (e != nullptr && e[0] == '0') return false;
+  return p.heads_q == 16 * p.heads_kv && p.cmp_block == 2 * p.cmp_stride && p.sel_block == 4 * p.cmp_stride &&
+         p.top_n <= 32;
+}
+
+template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false>
 Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
   const int G = p.heads_q / p.heads_kv;
@@ -325,7 +365,7 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const size_t smem = Cfg::smem_bytes(G, p.top_n);
-  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing>;
+  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
   kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p);
@@ -335,8 +375,11 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
 
 template <typename T, int kHeadDim, int kRing>
 Status run_select_blocks_sm90_ring(const SelectParams& p, cudaStream_t stream) {
-  return select_sm90_pipelined<kHeadDim, kRing>(p) ? run_select_blocks_sm90<T, kHeadDim, true, kRing>(p, stream)
-                                                   : run_select_blocks_sm90<T, kHeadDim, false, kRing>(p, stream);
+  if (select_sm90_pipelined<kHeadDim, kRing>(p)) return run_select_blocks_sm90<T, kHeadDim, true, kRing>(p, stream);
+  if constexpr (kRing == 64) {  // the ring the register lists' geometry needs
+    if (select_reg_list_covers(p)) return run_select_blocks_sm90<T, kHeadDim, false, kRing, true>(p, stream);
+  }
+  return run_select_blocks_sm90<T, kHeadDim, false, kRing>(p, stream);
 }
 
 }  // namespace sparse_detail

@@ -313,5 +313,105 @@ struct SelectWarpLists {
   }
 };
 
+// The default geometry (l = 2d, l' = 4d) with one token per warp (G = 16) and n <= 32, kept in
+// registers instead (select_blocks_sm90_kernel's kRegList). A 64-key tile then covers exactly
+// blocks 16 it .. 16 it + 15 (keys 4j .. 4j + 3 of block j weigh 2, 2, 2, 1 and key 4j - 1 weighs
+// 1: in units of d, token i covers [i, i + 2) and block j covers [4j, 4j + 4)), and after the
+// head reduce-scatter (select_sum_heads) lane (gid, tig) holds the head-summed P of keys
+// 8 off + 2 tig, + 1 with off = bitrev3(gid): an even-tig lane and its odd neighbour hold one
+// block's four keys, so a block score is one pair shuffle plus the previous block's last key
+// (one more shuffle; the tile's first block takes it from the previous tile, `carry`). The running
+// top-n list lives in lanes 0 .. n - 1 (score, block), sorted by (score desc, block asc); a tile's
+// 16 candidates are first tested against the list's last entry by one ballot (late in a long
+// sequence none passes), those that pass are inserted one at a time by a warp-wide rank (a ballot
+// and a popc) and a shift (shfl_up). Same list as SelectWarpLists: the order is the same total
+// order and a block is only compared with blocks of higher or lower index by that order.
+struct SelectWarpRegList {
+  float ls = -INFINITY;  // this lane's list entry (lane < count)
+  int li = -1;
+  int count = 0;
+  float carry = 0.f;     // head-summed P of the last key of the last tile (weight 1 in the next block)
+  int next_block = 0;    // blocks below it are done
+  int n, init_blocks, local_blocks, tblk, lane;
+  bool on;
+
+  __device__ __forceinline__ SelectWarpRegList(const SelectParams& sp, bool on_, index_t t, int lane_)
+      : n(sp.top_n), init_blocks(sp.init_blocks), local_blocks(sp.local_blocks), lane(lane_), on(on_) {
+    tblk = on ? static_cast<int>(t / sp.sel_block) : -1;  // positions inside one sequence fit in int
+  }
+
+  __device__ __forceinline__ static int bitrev3(int x) { return ((x & 1) << 2) | (x & 2) | ((x >> 2) & 1); }
+
+  // Whether (s, j) comes before the list's last entry (score desc, block asc); the list is full.
+  __device__ __forceinline__ bool beats_last(float s, int j) const {
+    const float th = __shfl_sync(0xffffffffu, ls, n - 1);
+    const int ti = __shfl_sync(0xffffffffu, li, n - 1);
+    return s > th || (s == th && j < ti);
+  }
+
+  // This lane's candidate (s, j) if cv; forced blocks score +inf, NaN ranks below every real score.
+  __device__ __forceinline__ void insert(float s, int j, bool cv) {
+    if (cv) s = (j < init_blocks || j > tblk - local_blocks) ? INFINITY : (s == s ? s : -1.f);
+    // (the shuffles run in every lane: no short-circuit around beats_last)
+    const bool beats = beats_last(s, j);
+    const bool pass = cv && (count < n || beats);
+    for (unsigned m = __ballot_sync(0xffffffffu, pass); m != 0u; m &= m - 1u) {
+      const int c = __ffs(static_cast<int>(m)) - 1;
+      const float cs = __shfl_sync(0xffffffffu, s, c);
+      const int cj = __shfl_sync(0xffffffffu, j, c);
+      const bool still = beats_last(cs, cj);
+      if (count == n && !still) continue;  // an earlier candidate raised the bar (count is warp-uniform)
+      const bool before = lane < count && (ls > cs || (ls == cs && li < cj));
+      const int pos = __popc(__ballot_sync(0xffffffffu, before));
+      const float us = __shfl_up_sync(0xffffffffu, ls, 1);
+      const int ui = __shfl_up_sync(0xffffffffu, li, 1);
+      if (lane > pos && lane <= count && lane < n) {
+        ls = us;
+        li = ui;
+      }
+      if (lane == pos) {
+        ls = cs;
+        li = cj;
+      }
+      count = count < n ? count + 1 : n;
+    }
+  }
+
+  // Tile it of keys [64 it, 64 it + 64): x the lane's two head-summed P (keys 8 off + 2 tig, + 1).
+  __device__ __forceinline__ void add_tile(const float (&x)[2], int off, int tig, int it) {
+    const bool odd = tig & 1;
+    const float self = odd ? fmaf(2.f, x[0], x[1]) : 2.f * (x[0] + x[1]);
+    const float tail = odd ? x[1] : 0.f;  // key 4j + 3: weight 1 here and in block j + 1
+    const float pair = __shfl_xor_sync(0xffffffffu, self, 1);
+    // The previous block's last key: lane (off, 1) for tig 2, lane (off - 1, 3) for tig 0; lane 0
+    // (block 0 of the tile) reads lane 31, the tile's last key, which is the next tile's carry.
+    const int src = tig == 2 ? lane - 1 : (off > 0 ? bitrev3(off - 1) * 4 + 3 : 31);
+    const float prev = __shfl_sync(0xffffffffu, tail, src);
+    const float s = self + pair + (lane == 0 ? carry : prev);
+    carry = __shfl_sync(0xffffffffu, prev, 0);
+    const int j = 16 * it + 2 * off + (tig >> 1);
+    insert(s, j, on && !odd && j <= tblk);
+    next_block = 16 * (it + 1);
+  }
+
+  // Blocks next_block .. tblk (beyond the visible keys but for the carry), then the row: the
+  // listed blocks ascending (each lane writes its block at its rank), -1 after them.
+  // `out`: block_idx of the batch item and KV head; the token's row is row0 (row stride row_stride).
+  __device__ __forceinline__ void finish(int* out, index_t row0, index_t row_stride) {
+    if (!on) return;  // warp-uniform
+    for (int j0 = next_block; j0 <= tblk; j0 += 32) {
+      const int j = j0 + lane;
+      insert(j == next_block ? carry : 0.f, j, j <= tblk);
+    }
+    int* row = out + row0 * row_stride;
+    int below = 0;  // listed blocks (distinct) below this lane's
+    for (int a = 0; a < count; ++a) below += __shfl_sync(0xffffffffu, li, a) < li;
+    if (lane < count)
+      row[below] = li;
+    else if (lane < n)
+      row[lane] = -1;
+  }
+};
+
 }  // namespace sparse_detail
 }  // namespace nsa
