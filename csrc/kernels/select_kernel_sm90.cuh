@@ -36,7 +36,8 @@ struct SelectSm90Config {
   static constexpr int kRing = kRing_;
   static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
-  static constexpr int kFixedBytes = kQBytes + kStages * kKBytes;  // lists of the 8 warps follow
+  // + the stages' full barriers (TMA form); the lists of the 8 warps follow (16-byte aligned)
+  static constexpr int kFixedBytes = kQBytes + kStages * kKBytes + 64;
   static_assert(kHeadDim % 64 == 0, "wgmma path: Dk in {64, 128, 192, 256}");
   __host__ __device__ static size_t list_bytes(int G, int n) {
     return (SelectListLayout<kTileN, kRing>(0, kRows / G, n).end + 15) / 16 * 16;
@@ -107,8 +108,13 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // faster one where it fits, see select_sm90_pipelined).
 // kRegList: the default geometry at G = 16 with its block scores and lists in registers
 // (SelectWarpRegList, select_reg_list_covers); the shared-memory lists otherwise.
-template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false>
-__global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_kernel(const SelectParams sp) {
+// kTma (the one-S-buffer form): thread 0 loads each compressed key tile as one box per 64
+// columns into its stage, completing on the stage's full barrier (no loader address arithmetic
+// in every thread); the CTA barrier per tile still releases the stage the next box fills.
+template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false, bool kTma = false>
+__global__ void __launch_bounds__(256, kPipelined ? 1 : 2)
+    select_blocks_sm90_kernel(const SelectParams sp, const __grid_constant__ tma::KvTileMaps maps) {
+  static_assert(!(kTma && kPipelined), "TMA form: the one-S-buffer kernel only");
 #ifdef NSA_WGMMA
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
   constexpr int kTileN = Cfg::kTileN;
@@ -137,6 +143,8 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
   const int cta_tokens = P * Cfg::kWarps;
   Group gr;
   if (!group_of(geo, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
+  TileRing<Cfg::kStages> ring(stage_addr + Cfg::kStages * Cfg::kKBytes);  // barriers after the stages
+  if constexpr (kTma) ring.init(tid);
   const bool packed = sp.cu_seqlens != nullptr;
   const int l = sp.cmp_block, d = sp.cmp_stride;
   const float scale_log2 = sp.scale * kLog2e;
@@ -166,8 +174,18 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
 
     load_query_rows_swizzled<T, kHeadDim, Cfg::kRowsCta, Cfg::kThreads>(sQ, q, sp.q_stride, rm, ps, tid);
     const SwizzledRowLoader<T, kHeadDim, kTileN, Cfg::kThreads, /*kMnMajor=*/false> k_loader(kc, sp.k_stride.row, kv_begin, tid);
-    auto load_tile = [&](int it) {  // tile it -> stage it % kStages
-      k_loader.load(sStage + (it % Cfg::kStages) * Cfg::kKBytes, static_cast<index_t>(it) * kTileN, nc, kc, tid);
+    auto load_tile = [&](int it) {  // tile it -> stage (seq + it) % kStages (seq = 0 without TMA); TMA: thread 0 only
+      if constexpr (kTma) {
+        if (tid == 0) {
+          tma::mbar_arrive_expect_tx(ring.bar(it), Cfg::kKBytes);
+#pragma unroll
+          for (int c = 0; c < kHeadDim / 64; ++c)
+            tma::load_4d(stage_addr + ring.stage(it) * Cfg::kKBytes + c * kTileN * 128, &maps.k, 64 * c, g,
+                         static_cast<int>(kv_begin + static_cast<index_t>(it) * kTileN), packed ? 0 : b, ring.bar(it));
+        }
+      } else {
+        k_loader.load(sStage + ring.stage(it) * Cfg::kKBytes, static_cast<index_t>(it) * kTileN, nc, kc, tid);
+      }
     };
     if (n_load > 0) load_tile(0);
     mma::cp_async_commit();  // group: query rows + tile 0
@@ -193,7 +211,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     }
 
     auto issue_s = [&](int it, float(&s_acc)[kTileN / 2]) {
-      const uint32_t k_addr = stage_addr + (it % Cfg::kStages) * Cfg::kKBytes;
+      const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kKBytes;
       wgmma::fence();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -287,11 +305,21 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     } else {
       float s_acc[kTileN / 2];
       for (int it = 0; it < n_tiles; ++it) {
-        mma::cp_async_wait<1>();  // tile it; tile it + 1 may stay in flight
-        wgmma::fence_proxy_async();
-        __syncthreads();
-        if (it + 2 < n_tiles) load_tile(it + 2);  // the stage of tile it - 1, multiplied last step
-        mma::cp_async_commit();
+        if constexpr (kTma) {
+          if (it == 0) {
+            mma::cp_async_wait<0>();  // the query rows
+            wgmma::fence_proxy_async();
+          }
+          __syncthreads();  // every warp is past tile it - 1: its stage takes tile it + 2
+          if (it + 2 < n_tiles) load_tile(it + 2);
+          ring.wait(it);
+        } else {
+          mma::cp_async_wait<1>();  // tile it; tile it + 1 may stay in flight
+          wgmma::fence_proxy_async();
+          __syncthreads();
+          if (it + 2 < n_tiles) load_tile(it + 2);  // the stage of tile it - 1, multiplied last step
+          mma::cp_async_commit();
+        }
         issue_s(it, s_acc);
         wgmma::wait<0>();
         wgmma::fence_operands(s_acc);
@@ -301,6 +329,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2) select_blocks_sm90_ke
     }
     mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
     __syncwarp();
+    if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_tiles);
     int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head;
     if constexpr (kRegList)
       reg.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
@@ -354,6 +383,18 @@ inline bool select_reg_list_covers(const SelectParams& p) {
          p.top_n <= 32;
 }
 
+// The K map of the TMA form (the compressed keys as KvTileMaps' K, 64-key boxes); false where TMA
+// cannot describe them or NSA_SELECT_TMA=0 / NSA_DISABLE_TMA=1 (read per launch).
+template <typename T>
+bool encode_select_k_map(tma::KvTileMaps& m, const SelectParams& p) {
+  const char* e = std::getenv("NSA_SELECT_TMA");
+  if ((e != nullptr && e[0] == '0') || !tma::enabled()) return false;
+  const bool packed = p.cu_seqlens != nullptr;
+  const index_t rows = packed ? p.total_rows / p.cmp_stride : p.seqlen_k_cmp;
+  return tma::encode_rows_map<T>(&m.k, p.k_cmp, packed ? 1 : p.batch, rows, p.heads_kv, p.head_dim_qk,
+                                 p.k_stride.batch, p.k_stride.row, p.k_stride.head, 1, 64);
+}
+
 template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false>
 Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
@@ -365,10 +406,13 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   if (p.heads_kv > 65535) return Status{2, "too many KV heads for one launch"};
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const size_t smem = Cfg::smem_bytes(G, p.top_n);
-  auto kernel = select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList>;
+  tma::KvTileMaps maps{};
+  const bool use_tma = !kPipelined && encode_select_k_map<T>(maps, p);
+  auto kernel = use_tma ? select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, !kPipelined>
+                        : select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p, maps);
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
