@@ -155,14 +155,18 @@ def test_select_kernels(kernel, G, monkeypatch):
     check_select((1, 6000), 1, G, 128, torch.bfloat16, l=64, d=64, lp=64)
 
 
+@pytest.mark.parametrize("kernel", ["default", "pipelined"])
 @pytest.mark.parametrize("T", [1, 31, 33, 200, 1040, 1100, 3000])
 @pytest.mark.parametrize("n,init,local", [(16, 1, 2), (1, 0, 0), (32, 0, 1), (16, 20, 2), (5, 2, 3)])
-def test_select_register_lists(T, n, init, local):
+def test_select_register_lists(T, n, init, local, kernel, monkeypatch):
     """G = 16 in the default geometry (l = 2d, l' = 4d) keeps block scores and lists in registers
     (SelectWarpRegList): no compressed key yet (T <= 31: every block from the carry-free tail),
     fewer valid blocks than n, n = 1 and n = 32 (a lane per entry), more forced blocks than n
     (init = 20: the lowest forced indices win), no forced blocks, and T = 1040 / 1100 where the
-    visible keys end on / past a 64-key tile (the last key's carry into the next block)."""
+    visible keys end on / past a 64-key tile (the last key's carry into the next block). `pipelined`:
+    the two-S-buffer form (NSA_SELECT_SM90_PIPELINED=1), S of the next tile in flight."""
+    if kernel == "pipelined":
+        monkeypatch.setenv("NSA_SELECT_SM90_PIPELINED", "1")
     torch.manual_seed(T * 7 + n)
     check_select((1, T), 2, 16, 64, torch.bfloat16, n=n, init=init, local=local)
 

@@ -108,13 +108,13 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // faster one where it fits, see select_sm90_pipelined).
 // kRegList: the default geometry at G = 16 with its block scores and lists in registers
 // (SelectWarpRegList, select_reg_list_covers); the shared-memory lists otherwise.
-// kTma (the one-S-buffer form): thread 0 loads each compressed key tile as one box per 64
-// columns into its stage, completing on the stage's full barrier (no loader address arithmetic
-// in every thread); the CTA barrier per tile still releases the stage the next box fills.
+// kTma: thread 0 loads each compressed key tile as one box per 64 columns into its stage,
+// completing on the stage's full barrier (no loader address arithmetic in every thread); the CTA
+// barrier per tile still releases the stage the next box fills.
+// The pipelined form with the register lists fits two CTAs per SM (<= 128 registers).
 template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false, bool kTma = false>
-__global__ void __launch_bounds__(256, kPipelined ? 1 : 2)
+__global__ void __launch_bounds__(256, kPipelined && !kRegList ? 1 : 2)
     select_blocks_sm90_kernel(const SelectParams sp, const __grid_constant__ tma::KvTileMaps maps) {
-  static_assert(!(kTma && kPipelined), "TMA form: the one-S-buffer kernel only");
 #ifdef NSA_WGMMA
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
   constexpr int kTileN = Cfg::kTileN;
@@ -276,11 +276,17 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2)
     // the step ends and sits outside every branch (see range_attn_fwd_sm90.cuh).
     // Stages: tile it + 2 goes into the stage of tile it - 1, whose S was waited for last step.
     auto step = [&](int it, float(&s_cur)[kTileN / 2], float(&s_nxt)[kTileN / 2]) {
-      mma::cp_async_wait<0>();  // tile it + 1
-      wgmma::fence_proxy_async();
-      __syncthreads();
-      if (it + 2 < n_steps) load_tile(it + 2);
-      mma::cp_async_commit();
+      if constexpr (kTma) {
+        __syncthreads();  // every warp waited for S (it - 1): its stage takes tile it + 2
+        if (it + 2 < n_steps) load_tile(it + 2);
+        if (it + 1 < n_steps) ring.wait(it + 1);  // the last step's S reads a stale stage, never scored
+      } else {
+        mma::cp_async_wait<0>();  // tile it + 1
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        if (it + 2 < n_steps) load_tile(it + 2);
+        mma::cp_async_commit();
+      }
       issue_s(it + 1, s_nxt);
       score_tile(it, s_cur);
       __syncwarp();
@@ -291,8 +297,14 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2)
     if constexpr (kPipelined) {
       float s_a[kTileN / 2], s_b[kTileN / 2];
       if (n_steps > 0) {
-        mma::cp_async_wait<1>();  // query rows + tile 0
-        wgmma::fence_proxy_async();
+        if constexpr (kTma) {
+          mma::cp_async_wait<0>();  // the query rows
+          wgmma::fence_proxy_async();
+          ring.wait(0);
+        } else {
+          mma::cp_async_wait<1>();  // query rows + tile 0
+          wgmma::fence_proxy_async();
+        }
         __syncthreads();
         issue_s(0, s_a);
         wgmma::wait<0>();
@@ -329,7 +341,7 @@ __global__ void __launch_bounds__(256, kPipelined ? 1 : 2)
     }
     mma::cp_async_wait_all();  // no tiles: the query rows' group is still in flight
     __syncwarp();
-    if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_tiles);
+    if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_load);
     int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head;
     if constexpr (kRegList)
       reg.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
@@ -407,8 +419,8 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   if (ctas > 0x7fffffff) return Status{2, "too many tokens for one launch"};
   const size_t smem = Cfg::smem_bytes(G, p.top_n);
   tma::KvTileMaps maps{};
-  const bool use_tma = !kPipelined && encode_select_k_map<T>(maps, p);
-  auto kernel = use_tma ? select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, !kPipelined>
+  const bool use_tma = encode_select_k_map<T>(maps, p);
+  auto kernel = use_tma ? select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, true>
                         : select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
@@ -419,10 +431,12 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
 
 template <typename T, int kHeadDim, int kRing>
 Status run_select_blocks_sm90_ring(const SelectParams& p, cudaStream_t stream) {
-  if (select_sm90_pipelined<kHeadDim, kRing>(p)) return run_select_blocks_sm90<T, kHeadDim, true, kRing>(p, stream);
   if constexpr (kRing == 64) {  // the ring the register lists' geometry needs
-    if (select_reg_list_covers(p)) return run_select_blocks_sm90<T, kHeadDim, false, kRing, true>(p, stream);
+    if (select_reg_list_covers(p))
+      return select_sm90_pipelined<kHeadDim, kRing>(p) ? run_select_blocks_sm90<T, kHeadDim, true, kRing, true>(p, stream)
+                                                       : run_select_blocks_sm90<T, kHeadDim, false, kRing, true>(p, stream);
   }
+  if (select_sm90_pipelined<kHeadDim, kRing>(p)) return run_select_blocks_sm90<T, kHeadDim, true, kRing>(p, stream);
   return run_select_blocks_sm90<T, kHeadDim, false, kRing>(p, stream);
 }
 
