@@ -130,7 +130,7 @@ def test_select_full_lists(G, n, lp):
     check_select((1, 4000), 2, G, 128, torch.bfloat16, lp=lp, n=n)
 
 
-@pytest.mark.parametrize("kernel", ["default", "no_tma", "pipelined", "shared_lists", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "tile_barrier", "no_tma", "pipelined", "shared_lists", "sm80"])
 @pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
 def test_select_kernels(kernel, G, monkeypatch):
     """Each selection kernel against the reference on an sm_90 card: the wgmma kernel (default: one
@@ -140,6 +140,8 @@ def test_select_kernels(kernel, G, monkeypatch):
     a packed batch with a 1-token sequence; every head dim; a list longer than a warp."""
     if kernel == "pipelined":
         monkeypatch.setenv("NSA_SELECT_SM90_PIPELINED", "1")
+    if kernel == "tile_barrier":  # the TMA form with a CTA barrier per tile instead of per-stage empty barriers
+        monkeypatch.setenv("NSA_SELECT_TILE_BARRIER", "1")
     if kernel == "no_tma":  # the one-S-buffer kernel with cp.async key tiles instead of TMA boxes
         monkeypatch.setenv("NSA_SELECT_TMA", "0")
     if kernel == "shared_lists":  # G = 16 in the default geometry: the lists in shared memory, not registers

@@ -2,8 +2,9 @@
 the variables per launch): sm_80's mma.sync kernel (NSA_DISABLE_WGMMA=1), the pipelined wgmma kernel
 (NSA_SELECT_SM90_PIPELINED=1: two S buffers, one CTA per SM), the wgmma kernel with its block scores
 and lists in shared memory (NSA_SELECT_REG_LIST=0), its key tiles by cp.async instead of TMA
-(NSA_SELECT_TMA=0) and the default wgmma kernel (one S buffer, two CTAs per SM, TMA key tiles; at
-G = 16 in the default geometry the scores and lists in registers). Headline D = 128, H = 4, G = 16 and 4, T = 16k and 64k; prints ms, TFLOP/s of the
+(NSA_SELECT_TMA=0), a CTA barrier per tile instead of per-stage empty barriers
+(NSA_SELECT_TILE_BARRIER=1) and the default wgmma kernel (one S buffer, two CTAs per SM, TMA key
+tiles; at G = 16 in the default geometry the scores and lists in registers). Headline D = 128, H = 4, G = 16 and 4, T = 16k and 64k; prints ms, TFLOP/s of the
 score product on the visible pairs, the speedup over sm_80 and how many rows differ from
 sm_80's block_idx (near-ties only: the head sums are added in another order).
 
@@ -22,8 +23,9 @@ from bench_cmp_select import visible_pairs  # noqa: E402
 D, H = 128, 4
 VARIANTS = (("sm80", {"NSA_DISABLE_WGMMA": "1"}), ("wgmma-pipelined", {"NSA_SELECT_SM90_PIPELINED": "1"}),
             ("wgmma-shared-lists", {"NSA_SELECT_REG_LIST": "0"}), ("wgmma-cp.async", {"NSA_SELECT_TMA": "0"}),
-            ("wgmma", {}))
-SWITCHES = ("NSA_DISABLE_WGMMA", "NSA_SELECT_SM90_PIPELINED", "NSA_SELECT_REG_LIST", "NSA_SELECT_TMA")
+            ("wgmma-tile-barrier", {"NSA_SELECT_TILE_BARRIER": "1"}), ("wgmma", {}))
+SWITCHES = ("NSA_DISABLE_WGMMA", "NSA_SELECT_SM90_PIPELINED", "NSA_SELECT_REG_LIST", "NSA_SELECT_TMA",
+            "NSA_SELECT_TILE_BARRIER")
 
 
 def main() -> None:

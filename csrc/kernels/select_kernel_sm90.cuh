@@ -111,10 +111,14 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // kTma: thread 0 loads each compressed key tile as one box per 64 columns into its stage,
 // completing on the stage's full barrier (no loader address arithmetic in every thread); the CTA
 // barrier per tile still releases the stage the next box fills.
-// The pipelined form with the register lists fits two CTAs per SM (<= 128 registers).
+// The pipelined form with the register lists fits two CTAs per SM (<= 128 registers) at Dk <= 128;
+// wider rows leave shared memory for one CTA, which then takes the registers it needs.
+// tile_barrier = false (the one-S-buffer TMA form's default): no CTA barrier per tile; each warp
+// arrives on the stage's empty barrier once its S is waited for, and thread 0 waits on it before
+// the stage takes the tile three later, so only warp 0 waits for the slowest warp.
 template <typename T, int kHeadDim, bool kPipelined, int kRing, bool kRegList = false, bool kTma = false>
-__global__ void __launch_bounds__(256, kPipelined && !kRegList ? 1 : 2)
-    select_blocks_sm90_kernel(const SelectParams sp, const __grid_constant__ tma::KvTileMaps maps) {
+__global__ void __launch_bounds__(256, kPipelined && !(kRegList && kHeadDim <= 128) ? 1 : 2)
+    select_blocks_sm90_kernel(const SelectParams sp, const __grid_constant__ tma::KvTileMaps maps, bool tile_barrier) {
 #ifdef NSA_WGMMA
   using Cfg = SelectSm90Config<kHeadDim, kRing>;
   constexpr int kTileN = Cfg::kTileN;
@@ -144,7 +148,15 @@ __global__ void __launch_bounds__(256, kPipelined && !kRegList ? 1 : 2)
   Group gr;
   if (!group_of(geo, cta_tokens, blockIdx.x, gr)) return;  // uniform over the CTA
   TileRing<Cfg::kStages> ring(stage_addr + Cfg::kStages * Cfg::kKBytes);  // barriers after the stages
-  if constexpr (kTma) ring.init(tid);
+  // the stages' empty barriers after the full ones: tile gi's stage is free once its 8 warps arrived
+  const uint32_t empty_addr = stage_addr + Cfg::kStages * Cfg::kKBytes + Cfg::kStages * 8;
+  auto empty_bar = [&](uint32_t gi) { return empty_addr + (gi % Cfg::kStages) * 8; };
+  if constexpr (kTma) {
+    if (tid == 0)
+      for (int st = 0; st < Cfg::kStages; ++st) tma::mbar_init(empty_addr + st * 8, Cfg::kWarps);
+    ring.init(tid);  // its fence and CTA barrier cover these too
+  }
+  static_assert(2 * Cfg::kStages * 8 <= 64, "barriers fit the 64 bytes after the stages");
   const bool packed = sp.cu_seqlens != nullptr;
   const int l = sp.cmp_block, d = sp.cmp_stride;
   const float scale_log2 = sp.scale * kLog2e;
@@ -322,8 +334,14 @@ __global__ void __launch_bounds__(256, kPipelined && !kRegList ? 1 : 2)
             mma::cp_async_wait<0>();  // the query rows
             wgmma::fence_proxy_async();
           }
-          __syncthreads();  // every warp is past tile it - 1: its stage takes tile it + 2
-          if (it + 2 < n_tiles) load_tile(it + 2);
+          if (it == 0 || tile_barrier) __syncthreads();  // (tile_barrier: every warp is past tile it - 1)
+          if (it + 2 < n_tiles) {
+            // The stage of tile it + 2 held tile it - 1 (this pass or, in its first steps, the last).
+            const uint32_t gi = ring.seq + static_cast<uint32_t>(it + 2);
+            if (!tile_barrier && tid == 0 && gi >= Cfg::kStages)
+              tma::mbar_wait(empty_bar(gi - Cfg::kStages), ((gi - Cfg::kStages) / Cfg::kStages) & 1);
+            load_tile(it + 2);
+          }
           ring.wait(it);
         } else {
           mma::cp_async_wait<1>();  // tile it; tile it + 1 may stay in flight
@@ -335,6 +353,10 @@ __global__ void __launch_bounds__(256, kPipelined && !kRegList ? 1 : 2)
         issue_s(it, s_acc);
         wgmma::wait<0>();
         wgmma::fence_operands(s_acc);
+        if constexpr (kTma) {
+          __syncwarp();
+          if (lane == 0) tma::mbar_arrive(empty_bar(ring.seq + static_cast<uint32_t>(it)));  // this warp's S of tile it done
+        }
         score_tile(it, s_acc);
         __syncwarp();
       }
@@ -424,7 +446,9 @@ Status run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
                         : select_blocks_sm90_kernel<T, kHeadDim, kPipelined, kRing, kRegList, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return Status{3, cudaGetErrorString(e)};
-  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(p, maps);
+  const char* tb = std::getenv("NSA_SELECT_TILE_BARRIER");  // 1: a CTA barrier per tile (A/B)
+  kernel<<<dim3(static_cast<unsigned>(ctas), p.heads_kv), Cfg::kThreads, smem, stream>>>(
+      p, maps, tb != nullptr && tb[0] == '1');
   e = cudaGetLastError();
   return e == cudaSuccess ? Status{} : Status{3, cudaGetErrorString(e)};
 }
