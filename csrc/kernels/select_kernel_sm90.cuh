@@ -36,7 +36,7 @@ struct SelectSm90Config {
   static constexpr int kRing = kRing_;
   static constexpr int kQBytes = kRowsCta * kHeadDim * 2;
   static constexpr int kKBytes = kTileN * kHeadDim * 2;
-  // + the stages' full barriers (TMA form); the lists of the 8 warps follow (16-byte aligned)
+  // + the stages' full and empty barriers (TMA form); the lists of the 8 warps follow (16-byte aligned)
   static constexpr int kFixedBytes = kQBytes + kStages * kKBytes + 64;
   static_assert(kHeadDim % 64 == 0, "wgmma path: Dk in {64, 128, 192, 256}");
   __host__ __device__ static size_t list_bytes(int G, int n) {
@@ -109,8 +109,8 @@ __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], f
 // kRegList: the default geometry at G = 16 with its block scores and lists in registers
 // (SelectWarpRegList, select_reg_list_covers); the shared-memory lists otherwise.
 // kTma: thread 0 loads each compressed key tile as one box per 64 columns into its stage,
-// completing on the stage's full barrier (no loader address arithmetic in every thread); the CTA
-// barrier per tile still releases the stage the next box fills.
+// completing on the stage's full barrier (no loader address arithmetic in every thread). In the
+// pipelined form a CTA barrier per step still releases the stage the next box fills.
 // The pipelined form with the register lists fits two CTAs per SM (<= 128 registers) at Dk <= 128;
 // wider rows leave shared memory for one CTA, which then takes the registers it needs.
 // tile_barrier = false (the one-S-buffer TMA form's default): no CTA barrier per tile; each warp
