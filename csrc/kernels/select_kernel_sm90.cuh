@@ -52,7 +52,7 @@ struct SelectSm90Config {
 // Rows gid + 8 ri with the same token differ in gid bits [0, log2 kHeads) (and ri at 16 heads):
 // level k exchanges half of the remaining key groups with lane ^ (4 << k) and keeps the sums of
 // the other half. Stores sP[token][key] for the warp's 16 / kHeads tokens.
-template <int kTileN, int kHeads>
+template <int kHeads>
 constexpr int select_head_levels() {
   return kHeads >= 8 ? 3 : (kHeads == 4 ? 2 : (kHeads == 2 ? 1 : 0));
 }
@@ -63,7 +63,7 @@ template <int kTileN, int kHeads>
 __device__ __forceinline__ void select_reduce_heads(const float (&s)[kTileN / 2], int ri, float (&v)[kTileN / 8][2],
                                                     int& off, int gid) {
   constexpr int kNt = kTileN / 8;
-  constexpr int kLevels = select_head_levels<kTileN, kHeads>();
+  constexpr int kLevels = select_head_levels<kHeads>();
 #pragma unroll
   for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
@@ -89,7 +89,7 @@ __device__ __forceinline__ void select_reduce_heads(const float (&s)[kTileN / 2]
 template <int kTileN, int kHeads>
 __device__ __forceinline__ void select_sum_heads(const float (&s)[kTileN / 2], float* sP, int gid, int tig) {
   constexpr int kNt = kTileN / 8;
-  constexpr int kLevels = select_head_levels<kTileN, kHeads>();
+  constexpr int kLevels = select_head_levels<kHeads>();
   constexpr int kHalves = kHeads == 16 ? 1 : 2;  // row halves summed separately (different tokens)
 #pragma unroll
   for (int ri = 0; ri < kHalves; ++ri) {
