@@ -208,6 +208,19 @@ __device__ __forceinline__ void mask_row_keys(float (&acc)[kTileN / 2], int ri, 
 // FlashAttention-4's conditional rescale): until then the exponentials are taken against the
 // stale max, so P <= 2^slack_log2 and O, l stay in that max's units, exactly (the final
 // normalisation and lse use the same m). slack_log2 = 0 is the plain online softmax.
+// t[0] = op over t[0 .. 2 kW): pairwise levels, each a compile-time trip count. A `w /= 2` loop
+// was left rolled by nvcc at 16 leaves, which put t in local memory (64 B of stack per thread in
+// the 128-key tile: session 18).
+template <int kW, int kN, typename Op>
+__device__ __forceinline__ void tree_fold(float (&t)[kN], Op op) {
+  static_assert(2 * kW <= kN);
+  if constexpr (kW > 0) {
+#pragma unroll
+    for (int n = 0; n < kW; ++n) t[n] = op(t[n], t[n + kW]);
+    tree_fold<kW / 2>(t, op);
+  }
+}
+
 // Row max and sum by trees (depth log2 of kTileN / 4 instead of a chain of kTileN / 4).
 template <int kTileN>
 __device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], float (&alpha)[2], float (&m_run)[2],
@@ -223,10 +236,7 @@ __device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], floa
     float t[kNt];
 #pragma unroll
     for (int n = 0; n < kNt; ++n) t[n] = fmaxf(s[4 * n + 2 * ri], s[4 * n + 2 * ri + 1]);
-#pragma unroll
-    for (int w = kNt / 2; w > 0; w /= 2)
-#pragma unroll
-      for (int n = 0; n < w; ++n) t[n] = fmaxf(t[n], t[n + w]);
+    tree_fold<kNt / 2>(t, [](float a, float b) { return fmaxf(a, b); });
     float mx = t[0];
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -249,10 +259,7 @@ __device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], floa
       }
 #pragma unroll
     for (int n = 0; n < kNt; ++n) t[n] = s[4 * n + 2 * ri] + s[4 * n + 2 * ri + 1];
-#pragma unroll
-    for (int w = kNt / 2; w > 0; w /= 2)
-#pragma unroll
-      for (int n = 0; n < w; ++n) t[n] += t[n + w];
+    tree_fold<kNt / 2>(t, [](float a, float b) { return a + b; });
     l_run[ri] = l_run[ri] * alpha[ri] + t[0];
   }
   return bumped;
