@@ -224,7 +224,8 @@ def test_nsa_training_step_on_cuda():
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "no_persistent", "narrow_dkdv", "one_wg_dkdv", "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "no_persistent", "no_pin", "narrow_dkdv", "one_wg_dkdv",
+                                    "sm80"])
 @pytest.mark.parametrize("G", [1, 16])
 def test_range_forward_many_tiles(kernel, G, monkeypatch):
     """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
@@ -235,12 +236,14 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     their TMA ones (NSA_DISABLE_TMA), `no_ws` the forward and dQ with one-thread TMA tiles
     instead of the producer-thread form (NSA_RANGE_WS=0), `no_persistent` the producer-form forward
     with one CTA per work item instead of one per SM walking several (NSA_RANGE_PERSISTENT=0; at
-    H = 1 and G = 16 the default walks ~5 items per CTA), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
+    H = 1 and G = 16 the default walks ~5 items per CTA), `no_pin` the producer-form forward without
+    its softmax pinned before the P V wait (NSA_RANGE_FWD_PIN=0), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
     wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
     64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
     env = {"sm80": [("NSA_DISABLE_WGMMA", "1")], "narrow_dkdv": [("NSA_DKDV_WIDE", "0")],
            "one_wg_dkdv": [("NSA_DKDV_SM90_WGS", "1")], "no_tma": [("NSA_DISABLE_TMA", "1")],
-           "no_ws": [("NSA_RANGE_WS", "0")], "no_persistent": [("NSA_RANGE_PERSISTENT", "0")]}
+           "no_ws": [("NSA_RANGE_WS", "0")], "no_persistent": [("NSA_RANGE_PERSISTENT", "0")],
+           "no_pin": [("NSA_RANGE_FWD_PIN", "0")]}
     for name, value in env.get(kernel, []):
         monkeypatch.setenv(name, value)
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
@@ -263,6 +266,35 @@ def test_range_forward_softmax_slack(slack, ramp, monkeypatch):
     check_cmp((1, 6000), 2, 16, 128, 128, torch.bfloat16, ramp=ramp)
     check_cmp((2, 2000), 2, 4, 64, 64, torch.float16, ramp=ramp)
     run_case("win", (1, 3000), 2, 16, 128, 128, torch.bfloat16, window=2048, ramp=ramp)
+
+
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_range_forward_pin_bitwise(G, monkeypatch):
+    """Pinning the softmax before the P V wait (NSA_RANGE_FWD_PIN, the default) moves instructions,
+    not arithmetic: output and lse bitwise equal to the unpinned producer-form forward, both
+    branches, padded and packed, with the one-thread-TMA form (pinned always) within rounding."""
+    torch.manual_seed(23)
+    cu = cu_of([1900, 1, 45, 1300])
+    for lead, c in (((2, 2300), None), ((int(cu[-1]),), cu)):
+        q = torch.randn(*lead, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16)
+        kc, vc = nsa_cuda.compress(k, cu_seqlens=c), nsa_cuda.compress(v, cu_seqlens=c)
+        outs = {}
+        for flag in ("1", "0"):
+            monkeypatch.setenv("NSA_RANGE_FWD_PIN", flag)
+            outs[flag] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
+                          nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
+        monkeypatch.setenv("NSA_RANGE_WS", "0")
+        outs["no_ws"] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
+                         nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
+        monkeypatch.delenv("NSA_RANGE_WS")
+        for (a_o, a_l), (b_o, b_l), (c_o, c_l) in zip(outs["1"], outs["0"], outs["no_ws"]):
+            assert torch.equal(a_o, b_o) and torch.equal(a_l, b_l)
+            assert (a_o.float() - c_o.float()).abs().max().item() < 2e-2
+            both = torch.isfinite(a_l)
+            assert torch.equal(both, torch.isfinite(c_l))
+            assert (a_l[both] - c_l[both]).abs().max().item() < 1e-3
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])

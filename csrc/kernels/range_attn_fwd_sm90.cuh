@@ -265,6 +265,17 @@ __device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], floa
   return bumped;
 }
 
+// wgmma::wait<0>() made control dependent on the row sums l_run of the softmax that the wait should
+// hide, so that ptxas cannot sink that softmax's exponentials past the wait (it does otherwise: they
+// land after it, beside the next S issue, and P V runs under nothing but the row max). The vote is
+// always true: row sums are >= 0, or NaN.
+__device__ __forceinline__ void wgmma_wait_all_after_softmax(const float (&l_run)[2]) {
+  if (__any_sync(0xffffffffu, !(l_run[0] + l_run[1] < 0.f)))
+    wgmma::wait<0>();
+  else
+    __trap();
+}
+
 // The softmax's slack (NSA_SOFTMAX_SLACK, log2 units, read per launch: 0 = rescale on every new
 // max; default 8, FlashAttention-4's threshold: P <= 256, exact in fp32 / bf16 / fp16).
 inline float softmax_slack_log2() {
@@ -435,7 +446,7 @@ __global__ void __launch_bounds__(kWarpGroups * 128, 1)
       wgmma::fence_operands(s_nxt);
       float alpha[2];
       const bool rescale = softmax(it + 1, s_nxt, alpha);
-      wgmma::wait<0>();  // P V (it)
+      wgmma_wait_all_after_softmax(l_run);  // P V (it)
       wgmma::fence_operands(o_flat);
       if (rescale) rescale_rows<kHeadDimV>(o_acc, alpha);
     };
@@ -500,6 +511,12 @@ bool encode_range_ws_maps(RangeWsMaps& m, const AttnParams& p, const void* dout,
                                  p.q_stride.head, hb, 128 / hb) &&
          (dout == nullptr || tma::encode_rows_map<T>(&m.dout, dout, batch, rows, p.heads_q, p.head_dim_v,
                                                      dout_stride.batch, dout_stride.row, dout_stride.head, hb, 128 / hb));
+}
+
+// NSA_RANGE_FWD_PIN=0: the producer-form forward without kPinSoftmax (an A/B switch read per launch).
+inline bool range_fwd_pin_enabled() {
+  const char* e = std::getenv("NSA_RANGE_FWD_PIN");
+  return !(e != nullptr && e[0] == '0');
 }
 
 // NSA_RANGE_WS=0 keeps the one-thread-TMA kernels (an A/B switch read per launch).
@@ -662,7 +679,11 @@ inline index_t range_persistent_grid_x(index_t items, index_t grid_y) {
 // (and, with two row buffers, its query rows) load while this one's last tiles and epilogue run,
 // and no CTA launch, barrier set-up or pipeline fill sits between items. With gridDim.x = the
 // item count it is the one-item-per-CTA kernel (NSA_RANGE_PERSISTENT=0).
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+// kPinSoftmax (the default; NSA_RANGE_FWD_PIN=0 turns it off): the P V wait of a step is control
+// dependent on the row sums of the softmax it should hide, so ptxas cannot sink the exponentials
+// past it. Unpinned, it does: they land beside the next step's S issue, after the wait (session
+// 17's ncu), and P V runs under nothing but the row max. Pinned: 1.02-1.11x (session 18).
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kPinSoftmax = true>
 __global__ void __launch_bounds__(384, 1)
     range_attn_fwd_sm90_ws_kernel(const AttnParams p, const __grid_constant__ RangeWsMaps maps, float slack_log2) {
 #ifdef NSA_WGMMA
@@ -752,7 +773,10 @@ __global__ void __launch_bounds__(384, 1)
         wgmma::wait<1>();
         wgmma::fence_operands(s_nxt);
         softmax(it + 1, s_nxt);
-        wgmma::wait<0>();
+        if constexpr (kPinSoftmax)
+          wgmma_wait_all_after_softmax(l_run);
+        else
+          wgmma::wait<0>();
         wgmma::fence_operands(o_flat);
         tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));  // S and P V of tile it done
       };
@@ -797,7 +821,8 @@ Status run_range_attn_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   if (kWarpGroups == 2 && range_ws_enabled()) {
     RangeWsMaps ws_maps{};
     if (encode_range_ws_maps<T, kCompressed>(ws_maps, p, nullptr, Strides3{})) {
-      auto ws_kernel = range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>;
+      auto ws_kernel = range_fwd_pin_enabled() ? range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed, true>
+                                               : range_attn_fwd_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed, false>;
       constexpr int kWsSmem = range_fwd_ws_smem<Cfg>();
       constexpr int kRowBufs = range_fwd_row_bufs<Cfg>();
       static_assert(kWsSmem >= Cfg::kSmemBytes - Cfg::kStages * 8 + (kRowBufs - 1) * Cfg::kQBytes +
