@@ -204,8 +204,14 @@ __global__ void __launch_bounds__(256, kPipelined && !(kRegList && kHeadDim <= 1
     if (n_load > 1) load_tile(1);
     mma::cp_async_commit();
 
-    SelectWarpLists<kTileN, Cfg::kRing, /*kPerLaneWork=*/true> lists(sp, warp_lists, list_lay, P, wps.p_begin, wps.p_end, wps.t0, nc, lane);
-    SelectWarpRegList reg(sp, wps.p_begin <= 0 && 0 < wps.p_end, wps.t0, lane);  // kRegList: the warp's one token
+    // Only the form in use is built (the shared-memory lists clear their ring on construction).
+    auto lists = [&] {
+      if constexpr (kRegList)
+        return SelectWarpRegList(sp, wps.p_begin <= 0 && 0 < wps.p_end, wps.t0, lane);  // the warp's one token
+      else
+        return SelectWarpLists<kTileN, Cfg::kRing, /*kPerLaneWork=*/true>(sp, warp_lists, list_lay, P, wps.p_begin,
+                                                                           wps.p_end, wps.t0, nc, lane);
+    }();
     // Rows gid, gid + 8 of the warp: visible keys and lse (log2 units; +inf for rows that are off).
     index_t row_nv[2];
     float row_lse[2];
@@ -269,18 +275,18 @@ __global__ void __launch_bounds__(256, kPipelined && !(kRegList && kHeadDim <= 1
         int off;
         select_reduce_heads<kTileN, 16>(s, 0, v, off, gid);
         const float x[2] = {v[0][0], v[0][1]};
-        reg.add_tile(x, off, tig, it);
-        return;
+        lists.add_tile(x, off, tig, it);
+      } else {
+        switch (G) {
+          case 16: select_sum_heads<kTileN, 16>(s, sP, gid, tig); break;
+          case 8: select_sum_heads<kTileN, 8>(s, sP, gid, tig); break;
+          case 4: select_sum_heads<kTileN, 4>(s, sP, gid, tig); break;
+          case 2: select_sum_heads<kTileN, 2>(s, sP, gid, tig); break;
+          default: select_sum_heads<kTileN, 1>(s, sP, gid, tig); break;
+        }
+        __syncwarp();
+        lists.add_tile(s0);
       }
-      switch (G) {
-        case 16: select_sum_heads<kTileN, 16>(s, sP, gid, tig); break;
-        case 8: select_sum_heads<kTileN, 8>(s, sP, gid, tig); break;
-        case 4: select_sum_heads<kTileN, 4>(s, sP, gid, tig); break;
-        case 2: select_sum_heads<kTileN, 2>(s, sP, gid, tig); break;
-        default: select_sum_heads<kTileN, 1>(s, sP, gid, tig); break;
-      }
-      __syncwarp();
-      lists.add_tile(s0);
     };
 
     // Step it: S of tile it is in s_cur. The tensor cores run S of tile it + 1 (a stale stage on
@@ -365,10 +371,7 @@ __global__ void __launch_bounds__(256, kPipelined && !(kRegList && kHeadDim <= 1
     __syncwarp();
     if constexpr (kTma) ring.seq += static_cast<uint32_t>(n_load);
     int* out = sp.block_idx + (packed ? 0 : b * sp.block_idx_stride.batch) + static_cast<index_t>(g) * sp.block_idx_stride.head;
-    if constexpr (kRegList)
-      reg.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
-    else
-      lists.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
+    lists.finish(out, wps.row_begin + wps.t0, sp.block_idx_stride.row);
     __syncthreads();  // sQ, the stages and the lists are reused by the next pass
   }
 #endif
