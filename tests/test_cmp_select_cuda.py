@@ -224,8 +224,8 @@ def test_nsa_training_step_on_cuda():
         assert rel < 3e-2, f"d{name}: relative error {rel:.3e}"
 
 
-@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "no_persistent", "no_pin", "narrow_dkdv", "one_wg_dkdv",
-                                    "sm80"])
+@pytest.mark.parametrize("kernel", ["default", "no_tma", "no_ws", "no_persistent", "no_pin", "dq_last_products", "narrow_dkdv",
+                                    "one_wg_dkdv", "sm80"])
 @pytest.mark.parametrize("G", [1, 16])
 def test_range_forward_many_tiles(kernel, G, monkeypatch):
     """Compressed branch and window over many key tiles (the sm_90a kernel pipelines S and P V
@@ -237,13 +237,16 @@ def test_range_forward_many_tiles(kernel, G, monkeypatch):
     instead of the producer-thread form (NSA_RANGE_WS=0), `no_persistent` the producer-form forward
     with one CTA per work item instead of one per SM walking several (NSA_RANGE_PERSISTENT=0; at
     H = 1 and G = 16 the default walks ~5 items per CTA), `no_pin` the producer-form forward without
-    its softmax pinned before the P V wait (NSA_RANGE_FWD_PIN=0), `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
+    its softmax pinned before the P V wait (NSA_RANGE_FWD_PIN=0), `dq_last_products` the producer-form
+    dQ issuing the discarded S, dP of a tile past the last on its last step (NSA_RANGE_DQ_LAST=1),
+    `narrow_dkdv` sm_80's 64-key dK/dV tiles next to the
     wgmma forward and dQ (NSA_DKDV_WIDE=0), `one_wg_dkdv` the one-warpgroup wgmma dK/dV tile with
     64-key partials (NSA_DKDV_SM90_WGS=1), so on an H100 every path is checked."""
     env = {"sm80": [("NSA_DISABLE_WGMMA", "1")], "narrow_dkdv": [("NSA_DKDV_WIDE", "0")],
            "one_wg_dkdv": [("NSA_DKDV_SM90_WGS", "1")], "no_tma": [("NSA_DISABLE_TMA", "1")],
            "no_ws": [("NSA_RANGE_WS", "0")], "no_persistent": [("NSA_RANGE_PERSISTENT", "0")],
-           "no_pin": [("NSA_RANGE_FWD_PIN", "0")]}
+           "no_pin": [("NSA_RANGE_FWD_PIN", "0")],
+           "dq_last_products": [("NSA_RANGE_DQ_LAST", "1")]}
     for name, value in env.get(kernel, []):
         monkeypatch.setenv(name, value)
     check_cmp((1, 5000), 1, G, 128, 128, torch.bfloat16)
@@ -269,28 +272,42 @@ def test_range_forward_softmax_slack(slack, ramp, monkeypatch):
 
 
 @pytest.mark.parametrize("G", [1, 4, 16])
-def test_range_forward_pin_bitwise(G, monkeypatch):
-    """Pinning the softmax before the P V wait (NSA_RANGE_FWD_PIN, the default) moves instructions,
-    not arithmetic: output and lse bitwise equal to the unpinned producer-form forward, both
-    branches, padded and packed, with the one-thread-TMA form (pinned always) within rounding."""
+def test_range_sm90_schedules_bitwise(G, monkeypatch):
+    """Schedule-only options of the producer-form range kernels move or drop discarded work, not
+    arithmetic: the forward's softmax pinned before the P V wait (NSA_RANGE_FWD_PIN, default on),
+    the dQ's last step without the next tile's S, dP (NSA_RANGE_DQ_LAST=1 issues them): outputs, lse and gradients bitwise equal
+    to the other settings, both branches, padded and packed (odd and even tile counts); the
+    one-thread-TMA forward (pinned always) within rounding of them."""
     torch.manual_seed(23)
     cu = cu_of([1900, 1, 45, 1300])
     for lead, c in (((2, 2300), None), ((int(cu[-1]),), cu)):
-        q = torch.randn(*lead, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16)
-        kc, vc = nsa_cuda.compress(k, cu_seqlens=c), nsa_cuda.compress(v, cu_seqlens=c)
-        outs = {}
-        for flag in ("1", "0"):
-            monkeypatch.setenv("NSA_RANGE_FWD_PIN", flag)
-            outs[flag] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
-                          nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
+        q = torch.randn(*lead, 2 * G, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(*lead, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        kc, vc = nsa_cuda.compress(k.detach(), cu_seqlens=c), nsa_cuda.compress(v.detach(), cu_seqlens=c)
+        leaves = [t.requires_grad_(True) for t in (q, k, v, kc, vc)]
+        do = torch.randn(*lead, 2 * G, 128, device="cuda", dtype=torch.bfloat16)
+
+        def run():
+            outs = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
+                    nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
+            return outs, torch.autograd.grad(outs[0][0] + outs[1][0], leaves, do)
+
+        base_outs, base_grads = run()
+        for name, value in (("NSA_RANGE_FWD_PIN", "0"), ("NSA_RANGE_DQ_LAST", "1")):
+            monkeypatch.setenv(name, value)
+            outs, grads = run()
+            monkeypatch.delenv(name)
+            for (a_o, a_l), (b_o, b_l) in zip(base_outs, outs):
+                assert torch.equal(a_o, b_o) and torch.equal(a_l, b_l), name
+            for a, b in zip(base_grads, grads):
+                assert torch.equal(a, b), name
         monkeypatch.setenv("NSA_RANGE_WS", "0")
-        outs["no_ws"] = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
-                         nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
+        with torch.no_grad():
+            no_ws = (nsa_cuda.compressed_attention(q, kc, vc, cu_seqlens=c),
+                     nsa_cuda.window_attention(q, k, v, window=400, cu_seqlens=c))
         monkeypatch.delenv("NSA_RANGE_WS")
-        for (a_o, a_l), (b_o, b_l), (c_o, c_l) in zip(outs["1"], outs["0"], outs["no_ws"]):
-            assert torch.equal(a_o, b_o) and torch.equal(a_l, b_l)
+        for (a_o, a_l), (c_o, c_l) in zip(base_outs, no_ws):
             assert (a_o.float() - c_o.float()).abs().max().item() < 2e-2
             both = torch.isfinite(a_l)
             assert torch.equal(both, torch.isfinite(c_l))

@@ -13,6 +13,8 @@
 // bitwise reproducible.
 #pragma once
 
+#include <cstdlib>
+
 #include "attn_bwd_dq.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -224,7 +226,9 @@ struct RangeDqWsConfig {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed>
+// kSkipLast (the default; NSA_RANGE_DQ_LAST=1 turns it off): a pass's last step issues no S, dP of
+// a next tile (they read a stale stage and were discarded), only its dQ product.
+template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kSkipLast = true>
 __global__ void __launch_bounds__(384, 1)
     range_attn_bwd_dq_sm90_ws_kernel(const AttnBwdParams p, const __grid_constant__ RangeWsMaps maps) {
 #ifdef NSA_WGMMA
@@ -324,7 +328,25 @@ __global__ void __launch_bounds__(384, 1)
         wgmma::fence_operands(dp);
         make_ds(0, s, dp);
       }
-      for (int it = 0; it < n_tiles; ++it) step(it);
+      auto last_step = [&](int it) {  // kSkipLast: step(it) without the next tile's S, dP
+        uint32_t da[kTileN / 16][4];
+        pack_p_fragments<T, kTileN>(s, da);
+        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::fence_operands(dq_flat);
+        tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));
+      };
+      for (int it = 0; it < n_tiles; ++it) {
+        if (!kSkipLast || it + 1 < n_tiles)
+          step(it);
+        else
+          last_step(it);
+      }
 
       // Every wgmma reading the rows was waited for: release them before the epilogue's stores.
       tma::mbar_arrive(bars.rows_empty(pass_i));
@@ -348,6 +370,11 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
           using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;
           const int G = p.heads_q / p.heads_kv;  // launch_dq's grid y: KV heads x head chunks
           const index_t grid_y = static_cast<index_t>(p.heads_kv) * (G >= kRows ? (G + kRows - 1) / kRows : 1);
+          const char* last_env = std::getenv("NSA_RANGE_DQ_LAST");  // "1": the A/B form without kSkipLast
+          if (last_env != nullptr && last_env[0] == '1')
+            return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed, false>, WC::kThreads,
+                             WC::kSmemBytes, range_persistent_grid_x(dq_ctas<Cfg::kWarps>(p), grid_y), p, stream,
+                             ws_maps);
           return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed>, WC::kThreads,
                            WC::kSmemBytes, range_persistent_grid_x(dq_ctas<Cfg::kWarps>(p), grid_y), p, stream,
                            ws_maps);
