@@ -296,6 +296,14 @@ __global__ void __launch_bounds__(384, 1)
       // As above, without the CTA barrier: the last step's S, dP read the stage the next tile will
       // use (possibly being refilled for the next pass); their result is never used.
       float s[kTileN / 2], dp[kTileN / 2];
+      auto issue_dq = [&](int it, uint32_t(&da)[kTileN / 16][4]) {  // dQ += dS K of tile it
+        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kTileN / 16; ++kk)
+          wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
+        wgmma::commit();
+      };
       auto step = [&](int it) {
         if (it + 1 < n_tiles) {
           const uint32_t gi = seq + static_cast<uint32_t>(it + 1);
@@ -304,12 +312,7 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t da[kTileN / 16][4];
         pack_p_fragments<T, kTileN>(s, da);
         issue_s_dp(it + 1, s, dp);
-        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kTileN / 16; ++kk)
-          wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
-        wgmma::commit();
+        issue_dq(it, da);
         wgmma::wait<1>();
         wgmma::fence_operands(s);
         wgmma::fence_operands(dp);
@@ -331,12 +334,7 @@ __global__ void __launch_bounds__(384, 1)
       auto last_step = [&](int it) {  // kSkipLast: step(it) without the next tile's S, dP
         uint32_t da[kTileN / 16][4];
         pack_p_fragments<T, kTileN>(s, da);
-        const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-        wgmma::fence();
-#pragma unroll
-        for (int kk = 0; kk < kTileN / 16; ++kk)
-          wgmma::Wgmma<T, kHeadDim>::rs_mn(dq_flat, da[kk], wgmma::make_desc(k_addr + kk * 2 * 1024, kTileN * 128, 1024));
-        wgmma::commit();
+        issue_dq(it, da);
         wgmma::wait<0>();
         wgmma::fence_operands(dq_flat);
         tma::mbar_arrive(bars.empty(seq + static_cast<uint32_t>(it)));
