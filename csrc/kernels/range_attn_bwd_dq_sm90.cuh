@@ -13,8 +13,6 @@
 // bitwise reproducible.
 #pragma once
 
-#include <cstdlib>
-
 #include "attn_bwd_dq.cuh"
 #include "range_attn_fwd_sm90.cuh"
 
@@ -368,8 +366,7 @@ Status launch_range_dq_best(Sm80Kernel sm80_kernel, int sm80_threads, int sm80_s
           using WC = RangeDqWsConfig<kHeadDim, kHeadDimV>;
           const int G = p.heads_q / p.heads_kv;  // launch_dq's grid y: KV heads x head chunks
           const index_t grid_y = static_cast<index_t>(p.heads_kv) * (G >= kRows ? (G + kRows - 1) / kRows : 1);
-          const char* last_env = std::getenv("NSA_RANGE_DQ_LAST");  // "1": the A/B form without kSkipLast
-          if (last_env != nullptr && last_env[0] == '1')
+          if (range_dq_last_products_enabled())
             return launch_dq(range_attn_bwd_dq_sm90_ws_kernel<T, kHeadDim, kHeadDimV, kCompressed, false>, WC::kThreads,
                              WC::kSmemBytes, range_persistent_grid_x(dq_ctas<Cfg::kWarps>(p), grid_y), p, stream,
                              ws_maps);

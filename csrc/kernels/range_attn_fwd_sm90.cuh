@@ -200,14 +200,6 @@ __device__ __forceinline__ void mask_row_keys(float (&acc)[kTileN / 2], int ri, 
     }
 }
 
-// Online softmax of a tile starting at key s0 in s (the sm_80 fwd_tile's arithmetic on kTileN / 8
-// column blocks): s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be
-// rescaled by; returns whether alpha differs from 1 for one of the thread's rows (the caller
-// skips the rescale when no row of the warp needs it).
-// The running max moves only when the tile's exceeds it by more than slack_log2 (log2 units,
-// FlashAttention-4's conditional rescale): until then the exponentials are taken against the
-// stale max, so P <= 2^slack_log2 and O, l stay in that max's units, exactly (the final
-// normalisation and lse use the same m). slack_log2 = 0 is the plain online softmax.
 // t[0] = op over t[0 .. 2 kW): pairwise levels, each a compile-time trip count. A `w /= 2` loop
 // was left rolled by nvcc at 16 leaves, which put t in local memory (64 B of stack per thread in
 // the 128-key tile: session 18).
@@ -221,6 +213,14 @@ __device__ __forceinline__ void tree_fold(float (&t)[kN], Op op) {
   }
 }
 
+// Online softmax of a tile starting at key s0 in s (the sm_80 fwd_tile's arithmetic on kTileN / 8
+// column blocks): s becomes P (fp32), m_run / l_run advance, and alpha is the factor O must be
+// rescaled by; returns whether alpha differs from 1 for one of the thread's rows (the caller
+// skips the rescale when no row of the warp needs it).
+// The running max moves only when the tile's exceeds it by more than slack_log2 (log2 units,
+// FlashAttention-4's conditional rescale): until then the exponentials are taken against the
+// stale max, so P <= 2^slack_log2 and O, l stay in that max's units, exactly (the final
+// normalisation and lse use the same m). slack_log2 = 0 is the plain online softmax.
 // Row max and sum by trees (depth log2 of kTileN / 4 instead of a chain of kTileN / 4).
 template <int kTileN>
 __device__ __forceinline__ bool online_softmax_tile(float (&s)[kTileN / 2], float (&alpha)[2], float (&m_run)[2],
@@ -519,6 +519,13 @@ bool encode_range_ws_maps(RangeWsMaps& m, const AttnParams& p, const void* dout,
 inline bool range_fwd_pin_enabled() {
   const char* e = std::getenv("NSA_RANGE_FWD_PIN");
   return !(e != nullptr && e[0] == '0');
+}
+
+// NSA_RANGE_DQ_LAST=1: the producer-form dQ's last step issues the next tile's (discarded) S, dP
+// as the other steps do (kSkipLast off; an A/B switch read per launch).
+inline bool range_dq_last_products_enabled() {
+  const char* e = std::getenv("NSA_RANGE_DQ_LAST");
+  return e != nullptr && e[0] == '1';
 }
 
 // NSA_RANGE_WS=0 keeps the one-thread-TMA kernels (an A/B switch read per launch).
