@@ -61,6 +61,17 @@ __device__ __forceinline__ void make_ds_tile(float (&s_acc)[kTileN / 2], const f
   }
 }
 
+// S = Q K^T and dP = dO V^T of one stage tile (K at k_addr, V at v_addr), one wgmma group, not
+// waited for.
+template <typename T, int kHeadDim, int kHeadDimV, int kTileN, int kRowsCta>
+__device__ __forceinline__ void issue_s_dp_tile(float (&s_acc)[kTileN / 2], float (&dp_acc)[kTileN / 2], uint32_t q_addr,
+                                                uint32_t do_addr, uint32_t k_addr, uint32_t v_addr) {
+  wgmma::fence();
+  wgmma_rows_by_tile<T, kHeadDim, kTileN, kRowsCta>(s_acc, q_addr, k_addr);
+  wgmma_rows_by_tile<T, kHeadDimV, kTileN, kRowsCta>(dp_acc, do_addr, v_addr);
+  wgmma::commit();
+}
+
 // kTma: the key tiles come by TMA (tma::KvTileMaps, tma::load_kv_tile).
 template <typename T, int kHeadDim, int kHeadDimV, bool kCompressed, bool kTma = false>
 __global__ void __launch_bounds__(256, 1)
@@ -136,11 +147,8 @@ __global__ void __launch_bounds__(256, 1)
     // S and dP of tile it, one wgmma group, not waited for.
     auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
       const uint32_t k_addr = stage_addr + ring.stage(it) * Cfg::kStageBytes;
-      const uint32_t v_addr = k_addr + Cfg::kKBytes;
-      wgmma::fence();
-      wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
-      wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
-      wgmma::commit();
+      issue_s_dp_tile<T, kHeadDim, kHeadDimV, kTileN, Cfg::kRowsCta>(s_acc, dp_acc, q_addr, do_addr, k_addr,
+                                                                     k_addr + Cfg::kKBytes);
     };
     auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
       make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
@@ -281,11 +289,8 @@ __global__ void __launch_bounds__(384, 1)
 
       auto issue_s_dp = [&](int it, float(&s_acc)[kTileN / 2], float(&dp_acc)[kTileN / 2]) {
         const uint32_t k_addr = stage_addr + stage_of(it) * Cfg::kStageBytes;
-        const uint32_t v_addr = k_addr + Cfg::kKBytes;
-        wgmma::fence();
-        wgmma_rows_by_tile<T, kHeadDim, kTileN, Cfg::kRowsCta>(s_acc, q_addr, k_addr);
-        wgmma_rows_by_tile<T, kHeadDimV, kTileN, Cfg::kRowsCta>(dp_acc, do_addr, v_addr);
-        wgmma::commit();
+        issue_s_dp_tile<T, kHeadDim, kHeadDimV, kTileN, Cfg::kRowsCta>(s_acc, dp_acc, q_addr, do_addr, k_addr,
+                                                                       k_addr + Cfg::kKBytes);
       };
       auto make_ds = [&](int it, float(&s_acc)[kTileN / 2], const float(&dp_acc)[kTileN / 2]) {
         make_ds_tile<kTileN>(s_acc, dp_acc, rows, rw, lo + static_cast<index_t>(it) * kTileN, tig, scale_log2);
